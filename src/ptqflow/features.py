@@ -1,0 +1,298 @@
+"""The calibration-feature store: FP activations of every reconstruction unit, cached once in zarr v3.
+
+Layout (one zarr v3 group, sharded so a store is a few dozen files, not thousands of chunks)::
+
+    input                 (N, *unit0_input)   the model input (normalised images)
+    units/<name>/output   (N, *out_shape)     the FP unit output
+    units/<name>/grad     (N, *out_shape)     d loss / d output of the FP model (diagonal-Fisher weight)
+
+A unit's input is the previous unit's output, so it is not stored twice. Samples are along axis 0;
+a chunk (the read unit) holds ``chunk_size`` samples and a shard (the write unit, one file) holds
+``shard_size``. Writes are buffered to whole shards, so memory stays flat in the number of samples.
+The root attributes carry the format tag, unit names, shapes, dtype and one sha256 per shard: no paths,
+no timestamps, so equal inputs give byte-identical stores (DVC hashes them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from zarr.codecs import BloscCodec
+
+from ptqflow.errors import StoreError
+
+__all__ = ["FORMAT", "FeatureStore", "FeatureStoreWriter", "UnitFeatures"]
+
+FORMAT = {"format": "ptqflow-features", "version": 1}
+_DTYPES = ("float32", "float16")
+
+
+def _compressor(dtype: str) -> BloscCodec:
+    return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", typesize=np.dtype(dtype).itemsize)
+
+
+class FeatureStoreWriter:
+    """Streams FP unit activations into a new store, one batch at a time.
+
+    Args:
+        path: the store folder (must not exist; write into a temporary folder and rename it).
+        unit_names: unit names in forward order.
+        input_shape: per-sample shape of the model input.
+        output_shapes: per-sample output shape of every unit.
+        num_samples: total samples that will be appended.
+        dtype: ``float32`` or ``float16``.
+        chunk_size: samples per chunk (the read unit).
+        shard_size: samples per shard (the write unit and file); a multiple of ``chunk_size``.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        unit_names: Sequence[str],
+        input_shape: Sequence[int],
+        output_shapes: Sequence[Sequence[int]],
+        num_samples: int,
+        dtype: str = "float32",
+        chunk_size: int = 32,
+        shard_size: int = 256,
+    ) -> None:
+        if dtype not in _DTYPES:
+            raise StoreError(f"feature dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+        if shard_size % chunk_size:
+            raise StoreError(f"shard_size ({shard_size}) must be a multiple of chunk_size ({chunk_size})")
+        self.num_samples = num_samples
+        self.dtype = dtype
+        self.shard_size = shard_size
+        self.group = zarr.open_group(store=str(path), mode="w-", zarr_format=3)
+        specs: dict[str, tuple[int, ...]] = {"input": tuple(input_shape)}
+        for name, shape in zip(unit_names, output_shapes, strict=True):
+            specs[f"units/{name}/output"] = tuple(shape)
+            specs[f"units/{name}/grad"] = tuple(shape)
+        self.arrays: dict[str, Any] = {}
+        for key, shape in specs.items():
+            self.arrays[key] = self.group.create_array(
+                key,
+                shape=(num_samples, *shape),
+                chunks=(min(chunk_size, num_samples), *shape),
+                shards=(min(shard_size, _round_up(num_samples, chunk_size)), *shape),
+                dtype=dtype,
+                compressors=_compressor(dtype),
+                fill_value=0,
+            )
+        self._buffers = {k: np.zeros((shard_size, *s), dtype=dtype) for k, s in specs.items()}
+        self._filled = 0  # samples in the current shard buffer
+        self._written = 0  # samples flushed to disk
+        self._checksums: dict[str, list[str]] = {k: [] for k in specs}
+        self._meta = {
+            **FORMAT,
+            "units": list(unit_names),
+            "num_samples": num_samples,
+            "dtype": dtype,
+            "input_shape": list(input_shape),
+            "output_shapes": {n: list(s) for n, s in zip(unit_names, output_shapes, strict=True)},
+            "chunk_size": chunk_size,
+            "shard_size": shard_size,
+        }
+
+    def append(self, inputs: torch.Tensor, outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
+        """Append one batch: the model input, then every unit's output and gradient, in unit order."""
+        tensors = [inputs, *[t for pair in zip(outputs, grads, strict=True) for t in pair]]
+        keys = list(self._buffers)
+        if len(tensors) != len(keys):
+            raise StoreError(f"append got {len(tensors)} tensors, the store has {len(keys)} arrays")
+        n = inputs.shape[0]
+        if self._written + self._filled + n > self.num_samples:
+            raise StoreError(f"more samples appended than the store's declared {self.num_samples}")
+        start = 0
+        while start < n:
+            take = min(n - start, self.shard_size - self._filled)
+            for key, tensor in zip(keys, tensors, strict=True):
+                chunk = tensor[start : start + take].detach().to("cpu", torch.float32).numpy()
+                self._buffers[key][self._filled : self._filled + take] = chunk
+            self._filled += take
+            start += take
+            if self._filled == self.shard_size:
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self._filled:
+            return
+        lo, hi = self._written, self._written + self._filled
+        for key, buffer in self._buffers.items():
+            block = buffer[: self._filled]
+            self.arrays[key][lo:hi] = block
+            self._checksums[key].append(hashlib.sha256(np.ascontiguousarray(block).tobytes()).hexdigest())
+        self._written = hi
+        self._filled = 0
+
+    def close(self) -> None:
+        """Flush the last partial shard and write the manifest attributes."""
+        self._flush()
+        if self._written != self.num_samples:
+            raise StoreError(f"store closed after {self._written} of {self.num_samples} samples")
+        self.group.attrs.update({**self._meta, "checksums": self._checksums})  # type: ignore[dict-item]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+Index = slice | Sequence[int] | torch.Tensor | np.ndarray
+
+
+class UnitFeatures:
+    """Read access to one unit's FP input, output and output gradient."""
+
+    def __init__(self, store: FeatureStore, position: int) -> None:
+        self.store = store
+        self.position = position
+        self.name = store.units[position]
+
+    def _read(self, key: str, index: Index) -> torch.Tensor:
+        return self.store.read(key, index)
+
+    def inputs(self, index: Index) -> torch.Tensor:
+        """FP input of the unit for samples ``index`` (float32)."""
+        if self.position == 0:
+            return self._read("input", index)
+        return self._read(f"units/{self.store.units[self.position - 1]}/output", index)
+
+    def outputs(self, index: Index) -> torch.Tensor:
+        """FP output of the unit for samples ``index`` (float32)."""
+        return self._read(f"units/{self.name}/output", index)
+
+    def grads(self, index: Index) -> torch.Tensor:
+        """Gradient of the FP model's loss with respect to the unit output (float32)."""
+        return self._read(f"units/{self.name}/grad", index)
+
+
+class FeatureStore:
+    """A read-only feature store (see the module docstring); open with :meth:`open`."""
+
+    def __init__(self, group: Any, path: Path) -> None:
+        self.group = group
+        self.path = path
+        attrs = dict(group.attrs)
+        self.meta = attrs
+        self.units: list[str] = list(attrs["units"])
+        self.num_samples: int = int(attrs["num_samples"])
+        self.dtype: str = str(attrs["dtype"])
+
+    @classmethod
+    def open(cls, path: Path) -> FeatureStore:
+        """Open and check the format tag and version.
+
+        Raises:
+            StoreError: missing, not a ptqflow feature store, or another format version.
+        """
+        path = Path(path)
+        rerun = "rerun the features stage (dvc repro features)"
+        if not (path / "zarr.json").is_file():
+            raise StoreError(f"feature store not found or incomplete at {path}; {rerun}")
+        try:
+            group = zarr.open_group(store=str(path), mode="r", zarr_format=3)
+            attrs = dict(group.attrs)
+        except Exception as exc:  # zarr raises many types for damaged metadata
+            raise StoreError(f"feature store {path} is unreadable ({type(exc).__name__}); {rerun}") from None
+        if attrs.get("format") != FORMAT["format"]:
+            raise StoreError(f"{path} is not a ptqflow feature store; {rerun}")
+        if attrs.get("version") != FORMAT["version"]:
+            raise StoreError(
+                f"feature store {path} has format version {attrs.get('version')}, this ptqflow reads "
+                f"{FORMAT['version']}; {rerun}"
+            )
+        if "checksums" not in attrs:
+            raise StoreError(f"feature store {path} was not closed (no manifest); {rerun}")
+        return cls(group, path)
+
+    def unit(self, name: str) -> UnitFeatures:
+        """Features of unit ``name``."""
+        if name not in self.units:
+            raise StoreError(f"unit {name!r} is not in feature store {self.path}; units: {', '.join(self.units)}")
+        return UnitFeatures(self, self.units.index(name))
+
+    def read(self, key: str, index: Index) -> torch.Tensor:
+        """Samples ``index`` of array ``key`` as a float32 tensor."""
+        array = self.group[key]
+        if isinstance(index, slice):
+            data = array[index]
+        else:
+            idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64)
+            data = array.get_orthogonal_selection((idx,))
+        return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+
+    def iter_inputs(self, position: int, batch_size: int, limit: int | None = None) -> Iterator[torch.Tensor]:
+        """Batches of unit ``position``'s FP input over the first ``limit`` samples, in order."""
+        unit = UnitFeatures(self, position)
+        end = self.num_samples if limit is None else min(limit, self.num_samples)
+        for start in range(0, end, batch_size):
+            yield unit.inputs(slice(start, min(start + batch_size, end)))
+
+    def verify(self) -> None:
+        """Recompute every shard's sha256 and compare with the manifest.
+
+        Raises:
+            StoreError: a shard does not match (names the array and shard).
+        """
+        shard = int(self.meta["shard_size"])
+        for key, sums in self.meta["checksums"].items():
+            array = self.group[key]
+            for i, expected in enumerate(sums):
+                try:
+                    block = np.ascontiguousarray(array[i * shard : min((i + 1) * shard, self.num_samples)])
+                except Exception as exc:  # a damaged shard fails inside the codec with many error types
+                    raise StoreError(
+                        f"feature store {self.path}: array {key} shard {i} cannot be decoded ({type(exc).__name__}); "
+                        "rerun the features stage (dvc repro features)"
+                    ) from None
+                if hashlib.sha256(block.tobytes()).hexdigest() != expected:
+                    raise StoreError(
+                        f"feature store {self.path}: array {key} shard {i} fails its checksum; "
+                        "rerun the features stage (dvc repro features)"
+                    )
+
+
+def extract_features(
+    units: Sequence[torch.nn.Module],
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    writer: FeatureStoreWriter,
+    device: torch.device,
+) -> None:
+    """Run the FP model once over the calibration batches and stream every unit's activations.
+
+    The gradient stored with each unit output is that of the summed per-sample cross-entropy of the FP
+    model, ``g = dL/dz`` (BRECQ section 3.3, eq. 10: the diagonal Fisher ``diag((dL/dz)^2)`` weights the
+    block-output error). Summing, not averaging, keeps ``g`` independent of the batch size. Units run on
+    detached inputs and the gradient is chained back unit by unit, so in-place ops inside a unit cannot
+    corrupt a stored activation.
+
+    Args:
+        units: the FP units in forward order (eval mode).
+        batches: ``(inputs, labels)`` pairs, inputs already preprocessed.
+        writer: an open store writer; closed here once all batches are written.
+        device: where to run the model.
+    """
+    for x, labels in batches:
+        leaves: list[torch.Tensor] = []
+        outputs: list[torch.Tensor] = []
+        h = x.to(device)
+        for unit in units:
+            leaf = h.detach().requires_grad_(True)
+            leaves.append(leaf)
+            h = unit(leaf)
+            outputs.append(h)
+        loss = torch.nn.functional.cross_entropy(outputs[-1], labels.to(device), reduction="sum")
+        grads: list[torch.Tensor] = [torch.empty(0)] * len(units)
+        upstream = torch.autograd.grad(loss, outputs[-1])[0]
+        for i in range(len(units) - 1, -1, -1):
+            grads[i] = upstream
+            if i:
+                upstream = torch.autograd.grad(outputs[i], leaves[i], grad_outputs=upstream)[0]
+        writer.append(x, [o.detach() for o in outputs], grads)
+    writer.close()

@@ -1,0 +1,193 @@
+"""Model zoo: the embedded Fashion-MNIST nets and torchvision classifiers loaded from local files.
+
+* ``resnet20``: the CIFAR-style ResNet of He et al., "Deep Residual Learning for Image Recognition"
+  (CVPR 2016, section 4.2): a 3x3 stem, three stages of three BasicBlocks (16/32/64 channels),
+  global pooling and one linear layer. Built from torchvision's own ``BasicBlock`` so the
+  reconstruction-unit registry treats it exactly like a torchvision ResNet-18. Shortcuts that change
+  shape use a 1x1 convolution + BN (the paper's option B).
+* ``mobilenetv2_s``: torchvision's ``MobileNetV2`` (Sandler et al., CVPR 2018) with a narrow
+  inverted-residual table for 28x28 inputs and a 1-channel, stride-1 stem.
+* any classifier in ``torchvision.models`` by name, weights read from a local file -- never downloaded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.mobilenetv2 import MobileNetV2
+from torchvision.models.resnet import BasicBlock
+from torchvision.ops.misc import Conv2dNormActivation
+
+from ptqflow.errors import ModelError
+
+__all__ = [
+    "EMBEDDED_MODELS",
+    "ResNetCifar",
+    "build_model",
+    "load_state_dict_file",
+    "load_weights",
+    "mobilenetv2_s",
+    "register_model",
+    "resnet20",
+]
+
+ModelFactory = Callable[[int, int], nn.Module]
+#: name -> factory(in_channels, num_classes) for models defined here.
+EMBEDDED_MODELS: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    """Register a model factory ``f(in_channels, num_classes) -> nn.Module`` under ``name``."""
+
+    def decorator(factory: ModelFactory) -> ModelFactory:
+        EMBEDDED_MODELS[name] = factory
+        return factory
+
+    return decorator
+
+
+class ResNetCifar(nn.Module):
+    """CIFAR-style ResNet (He et al. 2016, section 4.2) with 6n+2 layers."""
+
+    def __init__(self, depth: int = 20, in_channels: int = 1, num_classes: int = 10, width: int = 16) -> None:
+        super().__init__()
+        if (depth - 2) % 6:
+            raise ModelError(f"ResNetCifar depth must be 6n+2, got {depth}")
+        blocks_per_stage = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.inplanes = width
+        self.layer1 = self._stage(width, blocks_per_stage, stride=1)
+        self.layer2 = self._stage(2 * width, blocks_per_stage, stride=2)
+        self.layer3 = self._stage(4 * width, blocks_per_stage, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(4 * width, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        for m in self.modules():
+            # Zero-init the last BN of each residual branch (Goyal et al. 2017): blocks start as identity.
+            if isinstance(m, BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+    def _stage(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes)
+            )
+        layers: list[nn.Module] = [BasicBlock(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes
+        layers += [BasicBlock(planes, planes) for _ in range(blocks - 1)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+@register_model("resnet20")
+def resnet20(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
+    """ResNet-20 for 28x28 or 32x32 inputs (0.27 M parameters)."""
+    return ResNetCifar(20, in_channels, num_classes)
+
+
+#: (expansion t, channels c, repeats n, first stride s) as in Sandler et al. 2018, Table 2, narrowed.
+_MBV2_S_SETTING = [[1, 16, 1, 1], [4, 24, 2, 2], [4, 32, 3, 2], [4, 64, 2, 1], [4, 96, 1, 1]]
+_MBV2_S_LAST = 384
+
+
+@register_model("mobilenetv2_s")
+def mobilenetv2_s(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
+    """A small MobileNetV2 for 28x28 inputs: stride-1 stem, 28 -> 14 -> 7, 9 inverted residuals."""
+    model = MobileNetV2(num_classes=num_classes, inverted_residual_setting=_MBV2_S_SETTING)
+    stem_out = model.features[1].conv[0][0].in_channels
+    last_in = model.features[-1][0].in_channels
+    model.features[0] = Conv2dNormActivation(
+        in_channels, stem_out, kernel_size=3, stride=1, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU6
+    )
+    model.features[-1] = Conv2dNormActivation(
+        last_in, _MBV2_S_LAST, kernel_size=1, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU6
+    )
+    model.classifier[-1] = nn.Linear(_MBV2_S_LAST, num_classes)
+    for m in (model.features[0][0], model.features[-1][0]):
+        nn.init.kaiming_normal_(m.weight, mode="fan_out")
+    nn.init.normal_(model.classifier[-1].weight, 0, 0.01)
+    nn.init.zeros_(model.classifier[-1].bias)
+    return model
+
+
+def build_model(name: str, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
+    """Build an embedded model or a torchvision classifier by name, randomly initialised.
+
+    Raises:
+        ModelError: the name is neither embedded nor a torchvision classification model.
+    """
+    if name in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[name](in_channels, num_classes)
+    known = sorted(torchvision.models.list_models(module=torchvision.models))
+    if name.startswith("torchvision.") and name.removeprefix("torchvision.") in known:
+        return torchvision.models.get_model(name.removeprefix("torchvision."), weights=None, num_classes=num_classes)
+    raise ModelError(
+        f"unknown model {name!r}; allowed: {sorted(EMBEDDED_MODELS)} or 'torchvision.<name>' with <name> "
+        f"one of torchvision's classifiers (e.g. torchvision.resnet18)"
+    )
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state_dict saved with ``torch.save``, never unpickling code (``weights_only=True``).
+
+    Accepts a plain state_dict or a checkpoint dict with a ``state_dict``/``model`` entry.
+
+    Raises:
+        ModelError: missing file, a payload that needs unpickling, or not a mapping of tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"weights file not found: {path}; put a state_dict saved with torch.save there")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"weights file {path} cannot be loaded safely (weights_only=True): {first}") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if key in obj and isinstance(obj[key], dict):
+                obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"weights file {path} does not hold a state_dict (a mapping of names to tensors)")
+    return {str(k).removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_weights(model: nn.Module, path: Path) -> nn.Module:
+    """Load a weights file into ``model`` strictly (every key, every shape).
+
+    Raises:
+        ModelError: the file is unusable or belongs to another architecture.
+    """
+    state = load_state_dict_file(path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong_shape = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong_shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if wrong_shape:
+            k = wrong_shape[0]
+            parts.append(
+                f"{len(wrong_shape)} of another shape (e.g. {k}: file {tuple(state[k].shape)}, "
+                f"model {tuple(expected[k].shape)})"
+            )
+        raise ModelError(f"weights file {path} does not match the model architecture: {'; '.join(parts)}")
+    model.load_state_dict(state, strict=True)
+    return model

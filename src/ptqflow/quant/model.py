@@ -1,0 +1,252 @@
+"""The quantized model: folded FP model -> units -> quantized units, plus range calibration and I/O.
+
+Round-to-nearest (RTN) is this module's baseline: weight ranges from the per-channel Lp search, activation
+ranges from the per-tensor Lp search on calibration activations, nearest rounding throughout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ptqflow.errors import ConfigError, ModelError
+from ptqflow.fold import fold_bn
+from ptqflow.quant.quantizer import ActQuantizer, WeightQuantizer, check_bits
+from ptqflow.quant.units import QuantLayer, QuantUnit, build_quant_unit
+from ptqflow.units import extract_units
+
+__all__ = [
+    "FORMAT",
+    "QuantConfig",
+    "QuantModel",
+    "build_quant_model",
+    "calibrate_activations",
+    "load_quant_file",
+    "load_quant_model",
+    "quant_payload",
+]
+
+FORMAT = {"format": "ptqflow-quantized-model", "version": 1}
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Bit-widths and range search of a quantized model.
+
+    Args:
+        weight_bits: bits of every conv/linear weight not overridden below.
+        act_bits: bits of every activation quantizer not overridden below.
+        first_last_weight_bits: bits of the first conv and the last linear layer (BRECQ/QDrop keep them
+            at 8); ``null`` uses ``weight_bits``.
+        stem_act_bits: bits of the stem's output activations (BRECQ keeps them at 8); ``null`` uses
+            ``act_bits``.
+        p: exponent of the Lp range search (2.4 as in BRECQ/QDrop).
+        calib_size: calibration images used to initialise activation ranges.
+    """
+
+    weight_bits: int = 4
+    act_bits: int = 4
+    first_last_weight_bits: int | None = 8
+    stem_act_bits: int | None = 8
+    p: float = 2.4
+    calib_size: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("weight_bits", "act_bits", "first_last_weight_bits", "stem_act_bits"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    check_bits(value, name)
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
+        if not (isinstance(self.p, float | int) and 1.0 <= self.p <= 4.0):
+            raise ConfigError(f"p must be in [1, 4], got {self.p}")
+        if self.calib_size < 1:
+            raise ConfigError(f"calib_size must be >= 1, got {self.calib_size}")
+
+
+class QuantModel(nn.Module):
+    """A chain of quantized units; ``forward`` runs them in order."""
+
+    def __init__(self, names: list[str], units: list[QuantUnit]) -> None:
+        super().__init__()
+        self.names = list(names)
+        self.units = nn.ModuleList(units)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for unit in self.units:
+            x = unit(x)
+        return x
+
+    def named_units(self) -> Iterator[tuple[str, QuantUnit]]:
+        """``(unit name, unit)`` in forward order."""
+        for name, unit in zip(self.names, self.units, strict=True):
+            assert isinstance(unit, QuantUnit)
+            yield name, unit
+
+    def quant_layers(self) -> Iterator[tuple[str, QuantLayer]]:
+        """``(unit.layer name, layer)`` for every quantized conv/linear, in forward order."""
+        for unit_name, unit in self.named_units():
+            for name, layer in unit.quant_layers():
+                yield f"{unit_name}.{name}", layer
+
+    def act_quantizers(self) -> Iterator[tuple[str, ActQuantizer]]:
+        """``(unit.quantizer name, quantizer)`` for every activation quantizer, in forward order."""
+        for unit_name, unit in self.named_units():
+            for name, quantizer in unit.act_quantizers():
+                yield f"{unit_name}.{name}", quantizer
+
+    def set_quant_state(self, weight: bool, act: bool) -> None:
+        """Switch weight / activation quantization for every unit."""
+        for _, unit in self.named_units():
+            unit.set_quant_state(weight, act)
+
+    def bit_config(self) -> dict[str, dict[str, int]]:
+        """``{"weights": {layer: bits}, "activations": {quantizer: bits}}``."""
+        return {
+            "weights": {n: layer.weight_quantizer.bits for n, layer in self.quant_layers()},
+            "activations": {n: q.bits for n, q in self.act_quantizers()},
+        }
+
+    def size_bytes(self) -> float:
+        """Storage of the quantized weights: b bits per weight, fp32 biases and per-channel scale/zero."""
+        bits = 0
+        for _, layer in self.quant_layers():
+            weight = layer.layer.weight
+            bits += weight.numel() * layer.weight_quantizer.bits + 2 * 32 * weight.shape[0]
+            if layer.layer.bias is not None:
+                bits += 32 * layer.layer.bias.numel()
+        return bits / 8
+
+
+def build_quant_model(fp_model: nn.Module, config: QuantConfig, init_weights: bool = True) -> QuantModel:
+    """Fold BN, split into units and wrap every unit with quantizers (weights initialised if asked).
+
+    Args:
+        fp_model: the FP model (unfolded; it is not modified).
+        config: bit-widths and range search.
+        init_weights: run the per-channel Lp search for every weight quantizer.
+    """
+    units = extract_units(fold_bn(fp_model))
+    if not units:
+        raise ModelError(f"model {type(fp_model).__name__} has no units")
+    quant_units = []
+    for unit in units:
+        act_bits = config.act_bits
+        if unit.kind == "stem" and config.stem_act_bits is not None:
+            act_bits = config.stem_act_bits
+        quant_units.append(build_quant_unit(unit.module, unit.kind, config.weight_bits, act_bits))
+    model = QuantModel([u.name for u in units], quant_units)
+    layers = [layer for _, layer in model.quant_layers()]
+    if not layers:
+        raise ModelError(f"model {type(fp_model).__name__} has no conv or linear layer to quantize")
+    if config.first_last_weight_bits is not None:
+        for layer in (layers[0], layers[-1]):
+            layer.weight_quantizer = WeightQuantizer(config.first_last_weight_bits, layer.layer.weight.shape[0])
+    if init_weights:
+        for layer in layers:
+            layer.weight_quantizer.init_range(layer.layer.weight, config.p)
+    return model.eval()
+
+
+@torch.no_grad()
+def calibrate_activations(
+    model: QuantModel, unit_inputs: Callable[[int], Iterator[torch.Tensor]], p: float, device: torch.device
+) -> None:
+    """Initialise every activation range, unit by unit, from that unit's FP input activations.
+
+    Weights are quantized while observing, so each range sees the activations the quantized layers
+    produce from FP inputs (BRECQ initialises act quantizers after weight rounding, section 3).
+
+    Args:
+        model: the quantized model.
+        unit_inputs: ``unit_inputs(i)`` yields batches of unit ``i``'s FP input (from the feature store).
+        p: exponent of the Lp search.
+        device: where to run the units.
+    """
+    model.set_quant_state(weight=True, act=False)
+    for index, (_, unit) in enumerate(model.named_units()):
+        quantizers = [q for _, q in unit.act_quantizers()]
+        if not quantizers:
+            continue
+        for q in quantizers:
+            q.observing = True
+        for batch in unit_inputs(index):
+            unit(batch.to(device))
+        for q in quantizers:
+            q.init_range(p)
+    model.set_quant_state(weight=True, act=True)
+
+
+def quant_payload(model: QuantModel, model_name: str, config: QuantConfig) -> dict[str, Any]:
+    """A ``weights_only``-loadable dict: format tag, recipe and state_dict (CPU, contiguous)."""
+    return {
+        **FORMAT,
+        "model": model_name,
+        "config": asdict(config),
+        "bits": model.bit_config(),
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+    }
+
+
+def load_quant_model(
+    payload: dict[str, Any], build_fp: Callable[[str], nn.Module], source: str
+) -> tuple[QuantModel, str, QuantConfig]:
+    """Rebuild a quantized model from :func:`quant_payload`'s output.
+
+    Args:
+        payload: the loaded dict.
+        build_fp: ``build_fp(model_name)`` returns a fresh FP model of that architecture.
+        source: the file it came from, for messages.
+
+    Raises:
+        ModelError: another format or version, or a state that does not fit the architecture.
+    """
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT["format"]:
+        raise ModelError(f"{source} is not a ptqflow quantized model")
+    if payload.get("version") != FORMAT["version"]:
+        raise ModelError(
+            f"{source} has format version {payload.get('version')}; this ptqflow reads {FORMAT['version']}"
+        )
+    config = QuantConfig(**payload["config"])
+    model = build_quant_model(build_fp(payload["model"]), config, init_weights=False)
+    state = payload["state_dict"]
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelError(f"{source} does not fit model {payload['model']}: {str(exc).splitlines()[0]}") from None
+    bits = payload.get("bits")
+    if bits is not None:
+        _apply_bits(model, bits)
+    return model.eval(), str(payload["model"]), config
+
+
+def _apply_bits(model: QuantModel, bits: dict[str, dict[str, int]]) -> None:
+    """Per-layer bit-widths (mixed precision) are not tensors: set them from the payload's table."""
+    layers = dict(model.quant_layers())
+    quantizers = dict(model.act_quantizers())
+    try:
+        for name, b in bits["weights"].items():
+            layers[name].weight_quantizer.bits = check_bits(int(b), name)
+        for name, b in bits["activations"].items():
+            quantizers[name].bits = check_bits(int(b), name)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise ModelError(f"bit table does not fit the model: {exc}") from None
+
+
+def load_quant_file(path: Path, build_fp: Callable[[str], nn.Module]) -> tuple[QuantModel, str, QuantConfig]:
+    """:func:`load_quant_model` from a file, read with ``weights_only=True`` (never unpickling code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"quantized model not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt zip, pickle payload, truncated file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"{path} cannot be loaded safely (weights_only=True): {first}") from None
+    return load_quant_model(payload, build_fp, str(path))

@@ -1,0 +1,169 @@
+"""Uniform affine quantizers with an Lp-norm range search.
+
+Notation (algorithms.md section 1): ``Q(x) = s * (clamp(round(x / s) + z, 0, 2^b - 1) - z)`` on an unsigned,
+asymmetric grid. Weights are quantized per output channel, activations per tensor. The range is chosen
+as in BRECQ's ``mse`` initialiser: shrink ``[min, max]`` by 1 % steps (80 candidates) and keep the one
+minimising ``mean |x - Q(x)|^p`` with ``p = 2.4`` (the Lp norm of LAPQ, Nahshan et al. 2021).
+Rounding uses the straight-through estimator, so activation step sizes can be learned (LSQ, Esser et
+al., ICLR 2020).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ActQuantizer",
+    "WeightQuantizer",
+    "check_bits",
+    "fake_quantize",
+    "lp_range_search",
+    "round_ste",
+]
+
+_EPS = 1e-8
+#: Upper bound on the activation elements an Lp search looks at (a strided subsample beyond it).
+MAX_SEARCH_ELEMENTS = 1 << 18
+ALLOWED_BITS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def check_bits(bits: int, what: str = "bits") -> int:
+    """Return ``bits`` if it is an integer in 2..8, else raise ``ValueError`` naming ``what``."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in ALLOWED_BITS:
+        raise ValueError(f"{what} must be an integer in 2..8, got {bits!r}")
+    return bits
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest in the forward pass, identity gradient in the backward pass."""
+    return (x.round() - x).detach() + x
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """``Q(x) = s * (clamp(round(x / s) + z, 0, 2^b - 1) - z)`` with a straight-through round."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad):
+        # Inference: the same arithmetic in place, without the STE's extra passes over the tensor.
+        return torch.div(x, scale).round_().add_(zero_point).clamp_(0, 2**bits - 1).sub_(zero_point).mul_(scale)
+    q = torch.clamp(round_ste(x / scale) + zero_point, 0, 2**bits - 1)
+    return (q - zero_point) * scale
+
+
+@torch.no_grad()
+def lp_range_search(x: torch.Tensor, bits: int, p: float = 2.4, steps: int = 80) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero point minimising ``mean |x - Q(x)|^p`` over shrunk ranges.
+
+    Args:
+        x: ``(rows, elements)``: one row per output channel (weights) or a single row (activations).
+        bits: bit-width b.
+        p: the norm's exponent.
+        steps: candidates ``[min, max] * (1 - 0.01 i)``, ``i = 0 .. steps - 1``.
+
+    Returns:
+        ``(scale, zero_point)``, each ``(rows,)``; the zero point is an integer in ``[0, 2^b - 1]``.
+    """
+    x = x.float()
+    qmax = 2**bits - 1
+    xmin = x.amin(dim=1)
+    xmax = x.amax(dim=1)
+    best_score = torch.full_like(xmin, float("inf"))
+    best_scale = torch.ones_like(xmin)
+    best_zero = torch.zeros_like(xmin)
+    for i in range(steps):
+        factor = 1.0 - 0.01 * i
+        lo, hi = xmin * factor, xmax * factor
+        scale = ((hi - lo) / qmax).clamp_min(_EPS)
+        zero = (-lo / scale).round().clamp(0, qmax)
+        q = fake_quantize(x, scale[:, None], zero[:, None], bits)
+        score = (x - q).abs().pow(p).mean(dim=1)
+        better = score < best_score
+        best_score = torch.where(better, score, best_score)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel asymmetric weight quantizer (scale and zero point frozen after init).
+
+    Args:
+        bits: bit-width b.
+        channels: output channels (the first dimension of the weight).
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+
+    def __init__(self, bits: int, channels: int) -> None:
+        super().__init__()
+        self.bits = check_bits(bits, "weight bits")
+        self.register_buffer("scale", torch.ones(channels))
+        self.register_buffer("zero_point", torch.zeros(channels))
+        self.initialized = False
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, channels={self.scale.numel()}"
+
+    def init_range(self, weight: torch.Tensor, p: float = 2.4) -> None:
+        """Choose scale and zero point for ``weight`` by the Lp search (BRECQ's ``mse`` init)."""
+        scale, zero = lp_range_search(weight.detach().reshape(weight.shape[0], -1), self.bits, p)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero)
+        self.initialized = True
+
+    def _shape(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        view = (-1,) + (1,) * (weight.dim() - 1)
+        return self.scale.view(view), self.zero_point.view(view)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        scale, zero = self._shape(weight)
+        return fake_quantize(weight, scale, zero, self.bits)
+
+
+class ActQuantizer(nn.Module):
+    """Per-tensor asymmetric activation quantizer with a learnable step size (LSQ).
+
+    Lifecycle: ``observe`` collects calibration activations, :meth:`init_range` runs the Lp search, then
+    the quantizer is applied whenever ``enabled``. The zero point stays fixed after init.
+
+    Args:
+        bits: bit-width b.
+    """
+
+    zero_point: torch.Tensor
+
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.bits = check_bits(bits, "activation bits")
+        self.scale = nn.Parameter(torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros(()))
+        self.enabled = True
+        self.observing = False
+        self._observed: list[torch.Tensor] = []
+        self.initialized = False
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+    @torch.no_grad()
+    def init_range(self, p: float = 2.4) -> None:
+        """Set scale and zero point from the observed activations; stop observing."""
+        if not self._observed:
+            raise RuntimeError("ActQuantizer.init_range: no activations observed; run calibration batches first")
+        flat = torch.cat([t.reshape(-1) for t in self._observed])
+        if flat.numel() > MAX_SEARCH_ELEMENTS:
+            flat = flat[:: flat.numel() // MAX_SEARCH_ELEMENTS + 1]  # deterministic strided subsample
+        scale, zero = lp_range_search(flat[None, :], self.bits, p)
+        self.scale.copy_(scale[0])
+        self.zero_point.copy_(zero[0])
+        self._observed.clear()
+        self.observing = False
+        self.initialized = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self._observed.append(x.detach().float().cpu())
+            return x
+        if not self.enabled:
+            return x
+        return fake_quantize(x, self.scale.abs().clamp_min(_EPS), self.zero_point, self.bits)

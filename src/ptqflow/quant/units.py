@@ -1,0 +1,255 @@
+"""Quantized reconstruction units: one registered class per block type, one generic class for the rest.
+
+Activation-quantizer placement follows BRECQ/QDrop (algorithms.md section 1.2): a layer's output is
+quantized after its fused ReLU/ReLU6; inside a residual block the last conv and the shortcut conv are
+not output-quantized; the block output is quantized once, after add+ReLU (ResNet) or after the add
+(inverted residuals, which have no final activation). Each block's forward is written out here, so a
+torchvision block that reuses one ``ReLU`` module twice still gets one quantizer per use.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.mobilenetv2 import InvertedResidual
+from torchvision.models.resnet import BasicBlock, Bottleneck
+from torchvision.ops.misc import Conv2dNormActivation
+
+from ptqflow.errors import ModelError
+from ptqflow.quant.quantizer import ActQuantizer, WeightQuantizer
+
+__all__ = [
+    "QuantBasicBlock",
+    "QuantBottleneck",
+    "QuantInvertedResidual",
+    "QuantLayer",
+    "QuantSegment",
+    "QuantUnit",
+    "build_quant_unit",
+    "register_quant_unit",
+    "registered_block_types",
+]
+
+
+class QuantLayer(nn.Module):
+    """A folded conv or linear layer whose weight passes through a :class:`WeightQuantizer`."""
+
+    def __init__(self, layer: nn.Conv2d | nn.Linear, weight_bits: int) -> None:
+        super().__init__()
+        if not isinstance(layer, nn.Conv2d | nn.Linear):
+            raise ModelError(f"QuantLayer wraps Conv2d or Linear, got {type(layer).__name__}")
+        self.layer = layer
+        self.weight_quantizer = WeightQuantizer(weight_bits, layer.weight.shape[0])
+        self.quantize_weight = True
+
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight as the forward pass uses it (fake-quantized when ``quantize_weight``)."""
+        w = self.layer.weight
+        return self.weight_quantizer(w) if self.quantize_weight else w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantized_weight()
+        if isinstance(self.layer, nn.Conv2d):
+            return self.layer._conv_forward(x, w, self.layer.bias)
+        return F.linear(x, w, self.layer.bias)
+
+
+class QuantUnit(nn.Module):
+    """Base class of a reconstruction unit: quantized layers plus activation quantizers."""
+
+    kind: str = "block"
+
+    def quant_layers(self) -> Iterator[tuple[str, QuantLayer]]:
+        """``(name within the unit, layer)`` for every quantized conv/linear, in forward order."""
+        for name, module in self.named_modules():
+            if isinstance(module, QuantLayer):
+                yield name, module
+
+    def act_quantizers(self) -> Iterator[tuple[str, ActQuantizer]]:
+        """``(name within the unit, quantizer)`` for every activation quantizer."""
+        for name, module in self.named_modules():
+            if isinstance(module, ActQuantizer):
+                yield name, module
+
+    def set_quant_state(self, weight: bool, act: bool) -> None:
+        """Switch weight and activation quantization on or off for the whole unit."""
+        for _, layer in self.quant_layers():
+            layer.quantize_weight = weight
+        for _, quantizer in self.act_quantizers():
+            quantizer.enabled = act
+
+
+_Factory = Callable[[nn.Module, int, int], QuantUnit]
+_REGISTRY: dict[type[nn.Module], _Factory] = {}
+
+
+def register_quant_unit(*block_types: type[nn.Module]) -> Callable[[_Factory], _Factory]:
+    """Class decorator: ``cls(block, weight_bits, act_bits)`` quantizes blocks of ``block_types``."""
+
+    def decorator(factory: _Factory) -> _Factory:
+        for block_type in block_types:
+            _REGISTRY[block_type] = factory
+        return factory
+
+    return decorator
+
+
+def registered_block_types() -> tuple[type[nn.Module], ...]:
+    """Block types that form one reconstruction unit each."""
+    return tuple(_REGISTRY)
+
+
+def build_quant_unit(module: nn.Module, kind: str, weight_bits: int, act_bits: int) -> QuantUnit:
+    """Quantize one FP unit (BN already folded): a registered block or an fx segment."""
+    if kind == "block":
+        factory = _REGISTRY.get(type(module))
+        if factory is None:
+            allowed = ", ".join(t.__name__ for t in _REGISTRY)
+            raise ModelError(f"no quantized unit is registered for {type(module).__name__}; registered: {allowed}")
+        return factory(module, weight_bits, act_bits)
+    if not isinstance(module, torch.fx.GraphModule):
+        raise ModelError(f"a {kind} unit must be an fx GraphModule, got {type(module).__name__}")
+    return QuantSegment(module, kind, weight_bits, act_bits)
+
+
+def _conv_of(module: nn.Module | None) -> nn.Conv2d | None:
+    """The conv inside a (folded) ``Sequential(conv, Identity)`` shortcut, or ``None``."""
+    if module is None:
+        return None
+    convs = [m for m in module.modules() if isinstance(m, nn.Conv2d)]
+    others = [m for m in module.children() if not isinstance(m, nn.Conv2d | nn.Identity)]
+    if len(convs) != 1 or others:
+        raise ModelError(f"unsupported shortcut {module}: expected one conv (+ folded BN)")
+    return convs[0]
+
+
+@register_quant_unit(BasicBlock)
+class QuantBasicBlock(QuantUnit):
+    """ResNet BasicBlock: conv1+ReLU (quantized), conv2, shortcut conv, add, ReLU, output quantized."""
+
+    def __init__(self, block: nn.Module, weight_bits: int, act_bits: int) -> None:
+        super().__init__()
+        assert isinstance(block, BasicBlock)
+        self.conv1 = QuantLayer(block.conv1, weight_bits)
+        self.act1 = ActQuantizer(act_bits)
+        self.conv2 = QuantLayer(block.conv2, weight_bits)
+        shortcut = _conv_of(block.downsample)
+        self.downsample = QuantLayer(shortcut, weight_bits) if shortcut is not None else None
+        self.act_out = ActQuantizer(act_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = self.downsample(x) if self.downsample is not None else x
+        h = self.act1(F.relu(self.conv1(x)))
+        return self.act_out(F.relu(self.conv2(h) + identity))
+
+
+@register_quant_unit(Bottleneck)
+class QuantBottleneck(QuantUnit):
+    """ResNet Bottleneck: two conv+ReLU (quantized), conv3, shortcut conv, add, ReLU, output quantized."""
+
+    def __init__(self, block: nn.Module, weight_bits: int, act_bits: int) -> None:
+        super().__init__()
+        assert isinstance(block, Bottleneck)
+        self.conv1 = QuantLayer(block.conv1, weight_bits)
+        self.act1 = ActQuantizer(act_bits)
+        self.conv2 = QuantLayer(block.conv2, weight_bits)
+        self.act2 = ActQuantizer(act_bits)
+        self.conv3 = QuantLayer(block.conv3, weight_bits)
+        shortcut = _conv_of(block.downsample)
+        self.downsample = QuantLayer(shortcut, weight_bits) if shortcut is not None else None
+        self.act_out = ActQuantizer(act_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = self.downsample(x) if self.downsample is not None else x
+        h = self.act1(F.relu(self.conv1(x)))
+        h = self.act2(F.relu(self.conv2(h)))
+        return self.act_out(F.relu(self.conv3(h) + identity))
+
+
+_ACTIVATIONS: dict[type[nn.Module], Callable[[torch.Tensor], torch.Tensor]] = {
+    nn.ReLU: F.relu,
+    nn.ReLU6: F.relu6,
+}
+
+
+@register_quant_unit(InvertedResidual)
+class QuantInvertedResidual(QuantUnit):
+    """MobileNetV2 inverted residual: expand/depthwise conv+ReLU6 (each quantized), linear projection,
+    optional residual add; the block output is quantized once (after the add when there is one)."""
+
+    def __init__(self, block: nn.Module, weight_bits: int, act_bits: int) -> None:
+        super().__init__()
+        assert isinstance(block, InvertedResidual)
+        self.use_res_connect = bool(block.use_res_connect)
+        self.layers = nn.ModuleList()
+        self.acts = nn.ModuleList()
+        self._act_fns: list[Callable[[torch.Tensor], torch.Tensor] | None] = []
+        for child in block.conv:
+            if isinstance(child, Conv2dNormActivation):
+                conv, act = child[0], child[-1]
+                if type(act) not in _ACTIVATIONS:
+                    raise ModelError(f"unsupported activation {type(act).__name__} in {type(block).__name__}")
+                self.layers.append(QuantLayer(conv, weight_bits))
+                self.acts.append(ActQuantizer(act_bits))
+                self._act_fns.append(_ACTIVATIONS[type(act)])
+            elif isinstance(child, nn.Conv2d):
+                self.layers.append(QuantLayer(child, weight_bits))
+                self.acts.append(nn.Identity())
+                self._act_fns.append(None)
+            elif not isinstance(child, nn.Identity):
+                raise ModelError(f"unsupported layer {type(child).__name__} in an unfolded InvertedResidual")
+        self.act_out = ActQuantizer(act_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for layer, quantizer, fn in zip(self.layers, self.acts, self._act_fns, strict=True):
+            h = layer(h)
+            if fn is not None:
+                h = quantizer(fn(h))
+        return self.act_out(x + h if self.use_res_connect else h)
+
+
+_ACT_FUNCTIONS = {F.relu, F.relu6, torch.relu, torch.nn.functional.hardtanh}
+
+
+class QuantSegment(QuantUnit):
+    """A stem, head or glue segment (an fx GraphModule): every conv/linear quantized, an activation
+    quantizer after every ReLU/ReLU6 use (so a stem ending in ReLU has its output quantized; logits,
+    which come from a linear layer, never are)."""
+
+    def __init__(self, segment: torch.fx.GraphModule, kind: str, weight_bits: int, act_bits: int) -> None:
+        super().__init__()
+        self.kind = kind
+        gm = copy.deepcopy(segment)
+        modules = dict(gm.named_modules())
+        count = 0
+        for node in list(gm.graph.nodes):
+            module = modules.get(node.target) if node.op == "call_module" else None
+            if isinstance(module, nn.Conv2d | nn.Linear):
+                _replace(gm, str(node.target), QuantLayer(module, weight_bits))
+            is_act = (module is not None and type(module) in _ACTIVATIONS) or (
+                node.op == "call_function" and node.target in _ACT_FUNCTIONS
+            )
+            if is_act:
+                name = f"act{count}"
+                count += 1
+                gm.add_submodule(name, ActQuantizer(act_bits))
+                with gm.graph.inserting_after(node):
+                    quantized = gm.graph.call_module(name, (node,))
+                node.replace_all_uses_with(quantized, delete_user_cb=lambda user, q=quantized: user is not q)
+        gm.recompile()
+        self.segment = gm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.segment(x)
+
+
+def _replace(gm: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    setattr(parent, child, module)

@@ -1,0 +1,268 @@
+"""The ``ptqflow`` command line: one subcommand per DVC stage.
+
+Paths come from the command line (as ``dvc.yaml``'s ``cmd`` spells them), hyperparameters only from the
+params file. A bad value or file ends in one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ptqflow.errors import PtqflowError
+from stages.common import configure_logging
+from stages.params import load_params
+
+F = TypeVar("F", bound=Callable[..., Any])
+log = logging.getLogger("ptqflow")
+
+_PATH = click.Path(path_type=Path)
+
+
+class _Context:
+    def __init__(self, params_path: Path) -> None:
+        self.params_path = params_path
+
+    def params(self) -> dict[str, Any]:
+        return load_params(self.params_path)
+
+
+class BadInput(click.ClickException):
+    """A user error: click prints ``Error: <message>`` as one line and exits with 2."""
+
+    exit_code = 2
+
+
+def _fail(exc: PtqflowError) -> None:
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    raise BadInput(message)
+
+
+def _stage(func: F) -> F:
+    """Turn library errors into :class:`BadInput` (one line, exit 2, no traceback)."""
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except PtqflowError as exc:
+            _fail(exc)
+
+    wrapper.__name__ = func.__name__
+    wrapper.__doc__ = func.__doc__
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--params",
+    "params_path",
+    type=_PATH,
+    default=Path("params.yaml"),
+    show_default=True,
+    help="Params file to read hyperparameters from.",
+)
+@click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.version_option(package_name="ptqflow")
+@click.pass_context
+def cli(ctx: click.Context, params_path: Path, verbose: int, quiet: bool) -> None:
+    """ptqflow: post-training quantization (BRECQ, QDrop, MRECG) as a DVC pipeline.
+
+    Each subcommand is one stage of dvc.yaml; run them through `dvc repro` so that results are cached.
+    """
+    configure_logging(-1 if quiet else verbose)
+    ctx.obj = _Context(params_path)
+
+
+pass_ctx = click.make_pass_decorator(_Context)
+
+
+@cli.command()
+@click.option(
+    "--out",
+    "out_dir",
+    type=_PATH,
+    default=Path("data/prepare"),
+    show_default=True,
+    help="Folder for calibration.pt, test.pt and manifest.json.",
+)
+@pass_ctx
+@_stage
+def prepare(ctx: _Context, out_dir: Path) -> None:
+    """Draw the seeded calibration subset and pin the test set (params: prepare.*)."""
+    from stages import prepare as stage
+
+    manifest = stage.run(ctx.params(), out_dir)
+    log.info(
+        "calibration: %d images (seed %d); test: %d images",
+        manifest["calibration"]["count"],
+        manifest["calibration"]["seed"],
+        manifest["test"]["count"],
+    )
+
+
+@cli.command()
+@click.option(
+    "--calibration",
+    type=_PATH,
+    default=Path("data/prepare/calibration.pt"),
+    show_default=True,
+    help="Calibration split written by prepare.",
+)
+@click.option(
+    "--out",
+    type=_PATH,
+    default=Path("data/features/store.zarr"),
+    show_default=True,
+    help="Feature store (zarr v3 folder) to write.",
+)
+@pass_ctx
+@_stage
+def features(ctx: _Context, calibration: Path, out: Path) -> None:
+    """Cache FP input/output/gradient of every unit in a zarr store (params: base.*, features.*)."""
+    from stages import features as stage
+
+    units = stage.run(ctx.params(), calibration, out)
+    log.info("feature store %s: %d units", out, units)
+
+
+@cli.command()
+@click.option(
+    "--features",
+    "features_path",
+    type=_PATH,
+    default=Path("data/features/store.zarr"),
+    show_default=True,
+    help="Feature store written by features.",
+)
+@click.option(
+    "--out",
+    type=_PATH,
+    default=Path("data/quantize"),
+    show_default=True,
+    help="Folder for one <name>.pt per configured bit pair.",
+)
+@pass_ctx
+@_stage
+def quantize(ctx: _Context, features_path: Path, out: Path) -> None:
+    """Round-to-nearest baseline at each bit pair of quantize.bits (params: base.*, quantize.*)."""
+    from stages import quantize as stage
+
+    names = stage.run(ctx.params(), features_path, out)
+    log.info("wrote %s", ", ".join(f"{out}/{n}.pt" for n in names))
+
+
+@cli.command()
+@click.option(
+    "--test",
+    type=_PATH,
+    default=Path("data/prepare/test.pt"),
+    show_default=True,
+    help="Test split written by prepare.",
+)
+@click.option(
+    "--models",
+    "model_dirs",
+    multiple=True,
+    default=("rtn=data/quantize",),
+    show_default=True,
+    help="METHOD=FOLDER of quantized models to evaluate (repeatable).",
+)
+@click.option(
+    "--out", type=_PATH, default=Path("metrics/evaluate.json"), show_default=True, help="Metrics JSON to write."
+)
+@pass_ctx
+@_stage
+def evaluate(ctx: _Context, test: Path, model_dirs: tuple[str, ...], out: Path) -> None:
+    """Top-1/top-5 and size of the FP and quantized models (params: base.*, evaluate.*)."""
+    from stages import evaluate as stage
+
+    folders: dict[str, Path] = {}
+    for item in model_dirs:
+        method, sep, folder = item.partition("=")
+        if not sep or not method or not folder:
+            raise BadInput(f"--models takes METHOD=FOLDER (e.g. rtn=data/quantize), got {item!r}")
+        folders[method] = Path(folder)
+    metrics = stage.run(ctx.params(), test, folders, out)
+    click.echo(_table(metrics))
+
+
+def _table(metrics: dict[str, Any]) -> str:
+    rows = [("model", "W/A", "top-1", "top-5", "size MB")]
+    fp = metrics["fp"]
+    rows.append(("FP", "32/32", f"{fp['top1']:.2f}", f"{fp['top5']:.2f}", f"{fp['size_mb']:.3f}"))
+    for method, results in metrics.items():
+        if method in ("fp", "samples"):
+            continue
+        for name, r in results.items():
+            rows.append(
+                (
+                    f"{method.upper()} {name}",
+                    f"{r['weight_bits']}/{r['act_bits']}",
+                    f"{r['top1']:.2f}",
+                    f"{r['top5']:.2f}",
+                    f"{r['size_mb']:.3f}",
+                )
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+@cli.command()
+@click.option("--model", "model_name", required=True, help="Embedded model to train (resnet20, mobilenetv2_s).")
+@click.option("--out", type=_PATH, required=True, help="Output state_dict file.")
+@click.option("--metrics", type=_PATH, required=True, help="Output metrics JSON (per-epoch history).")
+@pass_ctx
+@_stage
+def train(ctx: _Context, model_name: str, out: Path, metrics: Path) -> None:
+    """Train an embedded FP model on Fashion-MNIST (params: base.device, prepare.data_root, train.*)."""
+    from stages import train as stage
+
+    final = stage.run(ctx.params(), model_name, out, metrics)
+    click.echo(json.dumps({k: final[k] for k in ("epoch", "test_top1", "test_top5")}))
+
+
+@cli.command("publish-weights")
+@click.option("--model", "model_name", required=True, help="Embedded model name (resnet20, mobilenetv2_s).")
+@click.option(
+    "--train-dir",
+    type=_PATH,
+    default=Path("pipelines/train"),
+    show_default=True,
+    help="The training pipeline folder (its out/ and metrics/ hold the result).",
+)
+@click.option(
+    "--dest",
+    type=_PATH,
+    default=Path("data/pretrained"),
+    show_default=True,
+    help="Folder of the released checkpoints and their manifest.json.",
+)
+@_stage
+def publish_weights(model_name: str, train_dir: Path, dest: Path) -> None:
+    """Release a trained checkpoint to data/pretrained and record it in its manifest (not a DVC stage)."""
+    from dataclasses import asdict
+
+    from ptqflow.train import TrainConfig
+    from stages import train as stage
+    from stages.params import section
+
+    params = load_params(train_dir / "params.yaml")
+    entry = stage.publish(
+        model_name,
+        train_dir / "out" / f"{model_name}.pt",
+        train_dir / "metrics" / f"{model_name}.json",
+        dest,
+        asdict(section(params, "train", TrainConfig)),
+    )
+    click.echo(json.dumps(entry, indent=2))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="ptqflow")

@@ -1,0 +1,63 @@
+"""Helpers shared by the stage modules: device choice, model loading, logging."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from ptqflow.data import LabelledImages
+from ptqflow.errors import ConfigError, DataError
+from ptqflow.models import build_model, load_weights
+
+if TYPE_CHECKING:
+    from stages.params import BaseConfig
+
+__all__ = ["configure_logging", "load_fp_model", "load_split", "resolve_device", "seed_everything"]
+
+
+def load_fp_model(base: BaseConfig) -> nn.Module:
+    """The FP model ``base.model`` with weights from ``base.weights``, in eval mode."""
+    model = build_model(base.model)
+    return load_weights(model, Path(base.weights)).eval()
+
+
+def load_split(path: Path) -> LabelledImages:
+    """Read a split file written by ``prepare`` (uint8 images + int64 labels, ``weights_only``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} not found; run the prepare stage first (dvc repro prepare)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        images, labels = obj["images"], obj["labels"]
+    except Exception as exc:  # corrupt zip, pickle payload, missing keys
+        raise DataError(
+            f"{path} is not a valid prepare output ({type(exc).__name__}); rerun dvc repro prepare"
+        ) from None
+    if not (isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor) and len(images) == len(labels)):
+        raise DataError(f"{path} is not a valid prepare output; rerun dvc repro prepare")
+    return LabelledImages(images, labels)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("base.device is 'cuda' but no CUDA device is available; allowed: auto, cpu, cuda")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch's global generators (stages also pass explicit generators where it matters)."""
+    torch.manual_seed(seed)
+
+
+def configure_logging(verbosity: int) -> None:
+    """-1 quiet (warnings), 0 info, 1+ debug; plain lines on stderr."""
+    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)

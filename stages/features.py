@@ -1,0 +1,72 @@
+"""Stage ``features``: run the FP model once over the calibration set and cache every unit's input,
+output and output gradient in a sharded zarr v3 store (data/features/store.zarr)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ptqflow.atomic import atomic_dir
+from ptqflow.data import normalize
+from ptqflow.errors import ConfigError
+from ptqflow.features import FeatureStoreWriter, extract_features
+from ptqflow.fold import fold_bn
+from ptqflow.units import extract_units
+from stages.common import load_fp_model, load_split, resolve_device
+from stages.params import BaseConfig, section
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """Args:
+    dtype: storage dtype of activations and gradients.
+    batch_size: calibration images per forward/backward pass.
+    chunk_size: samples per zarr chunk (the read unit of reconstruction).
+    shard_size: samples per zarr shard (one file); memory holds one shard of every array while writing.
+    """
+
+    dtype: Literal["float32", "float16"] = "float32"
+    batch_size: int = 64
+    chunk_size: int = 32
+    shard_size: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "chunk_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.shard_size % self.chunk_size:
+            raise ConfigError(f"shard_size must be a multiple of chunk_size, got {self.shard_size}, {self.chunk_size}")
+
+
+def run(params: dict[str, Any], calibration: Path, out: Path) -> int:
+    """Write the feature store for ``calibration.pt`` to ``out``; return the number of units."""
+    base = section(params, "base", BaseConfig)
+    config = section(params, "features", FeaturesConfig)
+    device = resolve_device(base.device)
+    data = load_split(calibration)
+    model = load_fp_model(base).to(device)
+    extracted = extract_units(fold_bn(model))
+    units = [u.module for u in extracted]
+    names = [u.name for u in extracted]
+    with torch.no_grad():
+        probe = normalize(data.images[:1]).to(device)
+        shapes = []
+        for unit in units:
+            probe = unit(probe)
+            shapes.append(tuple(probe.shape[1:]))
+    input_shape = tuple(normalize(data.images[:1]).shape[1:])
+
+    def batches() -> Any:
+        for start in range(0, len(data), config.batch_size):
+            stop = start + config.batch_size
+            yield normalize(data.images[start:stop]), data.labels[start:stop]
+
+    with atomic_dir(out) as tmp:
+        writer = FeatureStoreWriter(
+            tmp, names, input_shape, shapes, len(data), config.dtype, config.chunk_size, config.shard_size
+        )
+        extract_features(units, batches(), writer, device)
+    return len(units)

@@ -1,0 +1,60 @@
+"""The DVC wiring: every stage reads only what it declares, and depends on its own code."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+PIPELINES = [ROOT / "dvc.yaml", *sorted((ROOT / "pipelines").glob("*/dvc.yaml"))]
+
+
+def _stages(path: Path) -> dict[str, dict]:
+    stages = yaml.safe_load(path.read_text())["stages"]
+    return {name: stage.get("do", stage) for name, stage in stages.items()}
+
+
+def _sections_read(module: Path) -> set[str]:
+    """Sections a stage module passes to ``section(params, "<name>", ...)``."""
+    tree = ast.parse(module.read_text())
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "section":
+            arg = node.args[1]
+            assert isinstance(arg, ast.Constant)
+            found.add(arg.value)
+    return found
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_stages_declare_their_code_and_params(pipeline: Path) -> None:
+    for name, stage in _stages(pipeline).items():
+        module = f"stages/{name}.py"
+        deps = [str((pipeline.parent / d).resolve().relative_to(ROOT)) for d in stage["deps"] if "${" not in d]
+        assert module in deps, f"{pipeline.name}:{name} must depend on {module}"
+        assert stage["cmd"].startswith(f"ptqflow {name} "), f"{name}: cmd must run 'ptqflow {name}'"
+        declared = {p.split(".")[0] for p in stage["params"]}
+        read = _sections_read(ROOT / module)
+        for sec in read:
+            assert sec in declared, f"{name} reads params section {sec!r} but does not declare it"
+        for key in stage["params"]:
+            assert key.split(".")[0] in read, f"{name} declares {key} but never reads that section"
+
+
+def test_root_stage_keys_exist_in_params() -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, stage in _stages(ROOT / "dvc.yaml").items():
+        for key in stage["params"]:
+            node = params
+            for part in key.split("."):
+                assert part in node, f"{name} declares {key}, missing from params.yaml"
+                node = node[part]
+
+
+def test_library_never_reads_params_or_imports_click() -> None:
+    for path in (ROOT / "src" / "ptqflow").rglob("*.py"):
+        text = path.read_text()
+        assert "import click" not in text and "params.yaml" not in text and "from stages" not in text, path

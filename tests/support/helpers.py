@@ -1,0 +1,66 @@
+"""Shared test helpers: tiny models, tiny IDX datasets, a tiny repo for pipeline tests."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock
+
+from ptqflow.data import FASHION_MNIST_FILES
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as a gzip-compressed IDX file."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes(), mtime=0))
+
+
+def write_fake_fashion_mnist(root: Path, train: int = 96, test: int = 40, seed: int = 0) -> Path:
+    """Four IDX files shaped like Fashion-MNIST with random images and labels 0..9."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train), ("test", test)):
+        images_name, labels_name = FASHION_MNIST_FILES[split]
+        write_idx(root / images_name, rng.integers(0, 256, size=(n, 28, 28)))
+        write_idx(root / labels_name, np.arange(n) % 10)
+    return root
+
+
+class TinyResNet(nn.Module):
+    """Stem + two BasicBlocks (one with a projection shortcut) + head; 8x8 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        down = nn.Sequential(nn.Conv2d(8, 16, 1, stride=2, bias=False), nn.BatchNorm2d(16))
+        self.layer1 = nn.Sequential(BasicBlock(8, 8), BasicBlock(8, 16, stride=2, downsample=down))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer1(self.relu(self.bn1(self.conv1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+    @staticmethod
+    def example_inputs(n: int = 4) -> torch.Tensor:
+        return torch.randn(n, 3, 8, 8)
+
+
+def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every BN non-trivial statistics and affine parameters, so folding is really tested."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(c, generator=g) - 0.5)
+    return model.eval()
