@@ -10,6 +10,8 @@ al., ICLR 2020).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -138,6 +140,11 @@ class ActQuantizer(nn.Module):
         self.scale = nn.Parameter(torch.ones(()))
         self.register_buffer("zero_point", torch.zeros(()))
         self.enabled = True
+        #: QDrop (Wei et al., ICLR 2022, eq. 7): while < 1, each element keeps its quantized value with this
+        #: probability and its FP value otherwise; a fresh mask every call. 1.0 = always quantized.
+        self.keep_prob = 1.0
+        #: LSQ's gradient scale 1/sqrt(numel * Qmax) on the step size (Esser et al. 2020, section 2.2).
+        self.lsq_grad_scale = False
         self.observing = False
         self._observed: list[torch.Tensor] = []
         self.initialized = False
@@ -166,4 +173,11 @@ class ActQuantizer(nn.Module):
             return x
         if not self.enabled:
             return x
-        return fake_quantize(x, self.scale.abs().clamp_min(_EPS), self.zero_point, self.bits)
+        scale: torch.Tensor = self.scale
+        if self.lsq_grad_scale and scale.requires_grad:
+            g = 1.0 / math.sqrt(x.numel() * (2**self.bits - 1))
+            scale = (scale - scale * g).detach() + scale * g  # forward: s; backward: g * ds
+        q = fake_quantize(x, scale.abs().clamp_min(_EPS), self.zero_point, self.bits)
+        if self.keep_prob < 1.0:
+            return torch.where(torch.rand_like(x) < self.keep_prob, q, x)
+        return q

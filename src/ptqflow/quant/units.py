@@ -21,6 +21,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import Conv2dNormActivation
 
 from ptqflow.errors import ModelError
+from ptqflow.quant.adaround import AdaRound
 from ptqflow.quant.quantizer import ActQuantizer, WeightQuantizer
 
 __all__ = [
@@ -46,11 +47,34 @@ class QuantLayer(nn.Module):
         self.layer = layer
         self.weight_quantizer = WeightQuantizer(weight_bits, layer.weight.shape[0])
         self.quantize_weight = True
+        self.adaround: AdaRound | None = None
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the forward pass uses it (fake-quantized when ``quantize_weight``)."""
         w = self.layer.weight
-        return self.weight_quantizer(w) if self.quantize_weight else w
+        if not self.quantize_weight:
+            return w
+        if self.adaround is not None:
+            return self.adaround()
+        return self.weight_quantizer(w)
+
+    def start_adaround(self) -> AdaRound:
+        """Attach learned rounding on the weight quantizer's (frozen) grid; return it."""
+        q = self.weight_quantizer
+        self.adaround = AdaRound(self.layer.weight, q.scale, q.zero_point, q.bits)
+        return self.adaround
+
+    @torch.no_grad()
+    def finish_adaround(self) -> None:
+        """Write the hard-rounded weight into the layer and drop the rounding variables.
+
+        The stored weight lies on the grid, so nearest rounding reproduces it exactly afterwards.
+        """
+        if self.adaround is None:
+            raise RuntimeError("finish_adaround: no AdaRound attached; call start_adaround first")
+        self.adaround.soft = False
+        self.layer.weight.copy_(self.adaround())
+        self.adaround = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantized_weight()
