@@ -159,6 +159,56 @@ def quantize(ctx: _Context, features_path: Path, out: Path) -> None:
 
 @cli.command()
 @click.option(
+    "--features",
+    "features_path",
+    type=_PATH,
+    default=Path("data/features/store.zarr"),
+    show_default=True,
+    help="Feature store written by features.",
+)
+@click.option(
+    "--rtn",
+    "rtn_dir",
+    type=_PATH,
+    default=Path("data/quantize"),
+    show_default=True,
+    help="Folder of RTN models written by quantize (the starting points).",
+)
+@click.option(
+    "--plan",
+    "plan_path",
+    type=_PATH,
+    default=None,
+    help='Optional unit plan (JSON {"groups": [[unit, ...], ...]}) merging adjacent units.',
+)
+@click.option(
+    "--out",
+    type=_PATH,
+    default=Path("data/reconstruct"),
+    show_default=True,
+    help="Folder for one reconstructed <target>.pt per reconstruct.targets entry.",
+)
+@click.option(
+    "--plots",
+    type=_PATH,
+    default=Path("plots/reconstruct"),
+    show_default=True,
+    help="Folder for per-unit loss tables (<target>.tsv, DVC plots data).",
+)
+@pass_ctx
+@_stage
+def reconstruct(
+    ctx: _Context, features_path: Path, rtn_dir: Path, plan_path: Path | None, out: Path, plots: Path
+) -> None:
+    """BRECQ / QDrop block reconstruction of RTN models (params: base.device, reconstruct.*)."""
+    from stages import reconstruct as stage
+
+    names = stage.run(ctx.params(), features_path, rtn_dir, out, plots, plan_path)
+    log.info("wrote %s", ", ".join(f"{out}/{n}.pt" for n in names))
+
+
+@cli.command()
+@click.option(
     "--test",
     type=_PATH,
     default=Path("data/prepare/test.pt"),

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from ptqflow.data import LabelledImages
 from ptqflow.errors import ConfigError, DataError
@@ -17,7 +19,9 @@ from ptqflow.models import build_model, load_weights
 if TYPE_CHECKING:
     from stages.params import BaseConfig
 
-__all__ = ["configure_logging", "load_fp_model", "load_split", "resolve_device", "seed_everything"]
+__all__ = ["configure_logging", "load_fp_model", "load_split", "progress_bar", "resolve_device", "seed_everything"]
+
+log = logging.getLogger("ptqflow")
 
 
 def load_fp_model(base: BaseConfig) -> nn.Module:
@@ -61,3 +65,26 @@ def configure_logging(verbosity: int) -> None:
     """-1 quiet (warnings), 0 info, 1+ debug; plain lines on stderr."""
     level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+
+
+def progress_bar(total: int, label: str) -> Callable[[int, float], None]:
+    """A tqdm bar on a terminal; plain log lines every 10 % otherwise (CI, DVC queue logs).
+
+    Returns:
+        ``update(iteration, loss)``; the bar closes at ``iteration == total``.
+    """
+    bar = tqdm(total=total, desc=label, disable=None, leave=False, file=sys.stderr, dynamic_ncols=True)
+    every = max(1, total // 10)
+
+    def update(iteration: int, loss: float) -> None:
+        if bar.disable:
+            if iteration % every == 0 or iteration == total:
+                log.info("%s: %d/%d, loss %.4g", label, iteration, total, loss)
+        else:
+            bar.update(1)
+            if iteration % 10 == 0:
+                bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+        if iteration == total:
+            bar.close()
+
+    return update

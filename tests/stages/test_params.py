@@ -9,6 +9,7 @@ from stages.features import FeaturesConfig
 from stages.params import BaseConfig, load_params, section
 from stages.prepare import PrepareConfig
 from stages.quantize import QuantizeConfig
+from stages.reconstruct import ReconstructConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -17,7 +18,8 @@ def test_root_params_parse() -> None:
     params = load_params(ROOT / "params.yaml")
     assert section(params, "base", BaseConfig).model == "resnet20"
     assert section(params, "prepare", PrepareConfig).calib_size == 1024
-    assert set(section(params, "quantize", QuantizeConfig).bits) == {"w8a8", "w4a4"}
+    assert set(section(params, "quantize", QuantizeConfig).bits) == {"w8a8", "w4a4", "w2a4"}
+    assert section(params, "reconstruct", ReconstructConfig).recon().method == "qdrop"
 
 
 @pytest.mark.parametrize(
@@ -50,6 +52,13 @@ def test_root_params_parse() -> None:
         ("quantize", QuantizeConfig, {"bits": [4, 4]}, r"quantize.bits must be a mapping"),
         ("quantize", QuantizeConfig, {"p": "two"}, r"quantize.p must be a number"),
         ("prepare", PrepareConfig, [1, 2], r"prepare must be a mapping of keys"),
+        ("reconstruct", ReconstructConfig, {"keep_prob": 1.5}, r"reconstruct.keep_prob must be in \[0, 1\], got 1.5"),
+        ("reconstruct", ReconstructConfig, {"keep_prob": -0.1}, r"reconstruct.keep_prob must be in \[0, 1\]"),
+        ("reconstruct", ReconstructConfig, {"iters": -5}, r"reconstruct.iters must be >= 1, got -5"),
+        ("reconstruct", ReconstructConfig, {"method": "adaquant"}, r"reconstruct.method must be one of 'brecq', 'qdrop'"),
+        ("reconstruct", ReconstructConfig, {"drop_prob": 0.5}, r"unknown key reconstruct.drop_prob"),
+        ("reconstruct", ReconstructConfig, {"targets": []}, r"reconstruct.targets must name at least one"),
+        ("reconstruct", ReconstructConfig, {"granularity": "layer"}, r"reconstruct.granularity must be one of"),
     ],
 )
 def test_bad_values_name_the_dotted_key(name: str, cls: type, data: object, message: str) -> None:

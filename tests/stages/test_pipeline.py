@@ -47,6 +47,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["prepare"].update(data_root=str(data_root), calib_size=32)
     params["features"].update(batch_size=16, chunk_size=8, shard_size=16)
     params["quantize"].update(calib_size=16, batch_size=16)
+    params["reconstruct"].update(iters=4, act_iters=2, batch_size=8)
     params["evaluate"].update(batch_size=10)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], repo)
@@ -56,9 +57,12 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_reruns_only_what_changed(repo: Path) -> None:
     log = _run(["dvc", "repro"], repo)
-    assert _ran(log) == ["evaluate", "features", "prepare", "quantize"]
+    assert _ran(log) == ["evaluate", "features", "prepare", "quantize", "reconstruct"]
     metrics = json.loads((repo / "metrics/evaluate.json").read_text())
-    assert metrics["samples"] == 30 and set(metrics["rtn"]) == {"w4a4", "w8a8"}
+    assert metrics["samples"] == 30 and set(metrics["rtn"]) == {"w2a4", "w4a4", "w8a8"}
+    assert set(metrics["recon"]) == {"w2a4"}
+    assert (repo / "plots/reconstruct/w2a4.tsv").read_text().startswith("step\tphase\tunit")
+    assert not (repo / "data/reconstruct.resume").exists()
     assert 0 <= metrics["fp"]["top1"] <= 100 and metrics["rtn"]["w4a4"]["size_mb"] < metrics["fp"]["size_mb"]
     lock = (repo / "dvc.lock").read_text()
     assert str(repo) not in lock.replace(str(repo / "fm"), "")  # only the data root is an absolute path
@@ -70,9 +74,13 @@ def test_repro_reruns_only_what_changed(repo: Path) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate"]
 
+    params["reconstruct"]["iters"] = 3
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate", "reconstruct"]  # not features
+
     params["quantize"]["bits"]["w4a4"]["act_bits"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate", "quantize"]
+    assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate", "quantize", "reconstruct"]
 
 
 def test_cold_reruns_are_byte_identical(repo: Path) -> None:

@@ -192,8 +192,9 @@ def reconstruct(
     steps = plan_steps(config.method, groups)
     n = store.num_samples
     eval_batch = max(config.batch_size, 64)
-    model.to(device)
-    x_q = store.unit(store.units[0]).inputs(slice(0, n)).to(device)  # quantized-prefix input
+    # channels_last: about 2x faster convolutions on the CPU for these nets (measured in training).
+    model.to(device).to(memory_format=torch.channels_last)
+    x_q = _load(store, store.units[0], "inputs", n, device)  # quantized-prefix input
     stats: list[dict[str, float]] = []
     for index, step in enumerate(steps):
         first, last = step.group[0], step.group[-1]
@@ -206,9 +207,9 @@ def reconstruct(
             continue
         began = time.perf_counter()
         torch.manual_seed(config.seed * 1_000_003 + index)
-        x_fp = store.unit(store.units[first]).inputs(slice(0, n)).to(device)
-        y_fp = store.unit(store.units[last]).outputs(slice(0, n)).to(device)
-        grad = store.unit(store.units[last]).grads(slice(0, n)).to(device) if config.loss == "fisher" else None
+        x_fp = _load(store, store.units[first], "inputs", n, device)
+        y_fp = _load(store, store.units[last], "outputs", n, device)
+        grad = _load(store, store.units[last], "grads", n, device) if config.loss == "fisher" else None
         x_in = x_fp if step.phase == "acts" else x_q
         model.set_quant_state(weight=True, act=True)
         before = _eval_loss(group, x_in, y_fp, eval_batch)
@@ -230,7 +231,14 @@ def reconstruct(
         if on_step_done is not None:
             on_step_done(index, step, row)
     model.set_quant_state(weight=True, act=True)
+    model.to(memory_format=torch.contiguous_format)
     return stats
+
+
+def _load(store: FeatureStore, unit: str, what: str, n: int, device: torch.device) -> torch.Tensor:
+    """All ``n`` calibration samples of one cached quantity, read once per step, on ``device``."""
+    tensor: torch.Tensor = getattr(store.unit(unit), what)(slice(0, n)).to(device)
+    return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
 
 
 def _sample(n: int, batch: int, method: str) -> torch.Tensor:

@@ -1,0 +1,170 @@
+"""Stage ``reconstruct``: BRECQ or QDrop block reconstruction of the RTN models named in
+``reconstruct.targets``, streaming FP activations from the feature store.
+
+After each step the whole quantized state is written atomically to a resume folder keyed by the inputs
+and params (``<out>.resume/<target>-<key>/``, outside the DVC output so DVC does not delete it); a killed
+run restarts at the first unfinished step and ends with the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ptqflow.atomic import atomic_dir, atomic_save_torch, atomic_write_text
+from ptqflow.errors import ConfigError, ModelError
+from ptqflow.features import FeatureStore
+from ptqflow.models import build_model
+from ptqflow.quant.model import QuantModel, load_quant_file, quant_payload
+from ptqflow.recon.reconstruct import ReconConfig, Step, reconstruct
+from stages.common import progress_bar, resolve_device
+from stages.params import BaseConfig, section
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReconstructConfig(ReconConfig):
+    """``reconstruct.*``: every :class:`ptqflow.recon.reconstruct.ReconConfig` key, plus:
+
+    Args:
+        targets: names of ``quantize.bits`` entries whose RTN models are reconstructed.
+        granularity: ``block`` (one unit per block; BRECQ's choice), ``stage`` (blocks of one stage
+            together) or ``net`` (everything at once). A plan file (``--plan``) overrides it.
+    """
+
+    targets: tuple[str, ...] = field(default=("w2a4",))
+    granularity: Literal["block", "stage", "net"] = "block"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.targets:
+            raise ConfigError("targets must name at least one quantize.bits entry, e.g. [w2a4]")
+
+    def recon(self) -> ReconConfig:
+        """The library config (every field but the stage's own)."""
+        values = {k: v for k, v in asdict(self).items() if k not in ("targets", "granularity")}
+        return ReconConfig(**values)
+
+
+def unit_groups(names: list[str], granularity: str, plan: list[list[str]] | None) -> list[list[int]]:
+    """Unit indices per reconstruction group, from a plan (lists of unit names) or the granularity."""
+    if plan is not None:
+        flat = [n for group in plan for n in group]
+        if flat != names:
+            raise ModelError(f"unit plan does not match the model: it lists {flat}, the model's units are {names}")
+        index = {n: i for i, n in enumerate(names)}
+        return [[index[n] for n in group] for group in plan]
+    if granularity == "net":
+        return [list(range(len(names)))]
+    if granularity == "block":
+        return [[i] for i in range(len(names))]
+    groups: list[list[int]] = []
+    previous = None
+    for i, name in enumerate(names):
+        stage = name.rsplit(".", 1)[0] if "." in name else name
+        if groups and stage == previous:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+        previous = stage
+    return groups
+
+
+def read_plan(path: Path) -> list[list[str]]:
+    """A plan file: JSON ``{"groups": [["layer1.0", "layer1.1"], ...]}``."""
+    try:
+        groups = json.loads(Path(path).read_text())["groups"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"unit plan {path} is not a JSON file with a 'groups' list ({type(exc).__name__})") from None
+    if not (isinstance(groups, list) and all(isinstance(g, list) and g for g in groups)):
+        raise ModelError(f"unit plan {path}: 'groups' must be a list of non-empty lists of unit names")
+    return [[str(n) for n in g] for g in groups]
+
+
+def _resume_key(
+    config: ReconstructConfig, target: str, rtn: Path, store: FeatureStore, groups: list[list[int]]
+) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"config": asdict(config.recon()), "groups": groups}, sort_keys=True).encode())
+    h.update(rtn.read_bytes())
+    h.update(json.dumps(store.meta["checksums"], sort_keys=True).encode())
+    return f"{target}-{h.hexdigest()[:16]}"
+
+
+def _reconstruct_one(
+    model: QuantModel,
+    store: FeatureStore,
+    groups: list[list[int]],
+    config: ReconConfig,
+    device: torch.device,
+    resume_dir: Path,
+) -> list[dict[str, Any]]:
+    start = 0
+    state_file = resume_dir / "state.pt"
+    rows: list[dict[str, Any]] = []
+    if state_file.is_file():
+        saved = torch.load(state_file, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["state_dict"])
+        start = int(saved["next_step"])
+        rows = json.loads(str(saved["rows"]))
+        log.info("resuming at step %d from %s", start, state_file)
+
+    def checkpoint(index: int, step: Step, row: dict[str, float]) -> None:
+        rows.append(
+            {
+                "step": index,
+                "phase": step.phase,
+                "unit": "+".join(store.units[i] for i in step.group),
+                "loss_before": round(row["loss_before"], 8),
+                "loss_after": round(row["loss_after"], 8),
+            }
+        )
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        atomic_save_torch({"state_dict": state, "next_step": index + 1, "rows": json.dumps(rows)}, state_file)
+
+    resume_dir.mkdir(parents=True, exist_ok=True)
+    reconstruct(model, store, groups, config, device, start=start, on_step_done=checkpoint, progress=progress_bar)
+    return rows
+
+
+def run(
+    params: dict[str, Any], features: Path, rtn_dir: Path, out: Path, plots: Path, plan_path: Path | None
+) -> list[str]:
+    """Reconstruct every target; write ``out/<target>.pt`` and ``plots/<target>.tsv``."""
+    base = section(params, "base", BaseConfig)
+    config = section(params, "reconstruct", ReconstructConfig)
+    device = resolve_device(base.device)
+    store = FeatureStore.open(features)
+    plan = read_plan(plan_path) if plan_path is not None else None
+    for target in config.targets:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", target) or not (rtn_dir / f"{target}.pt").is_file():
+            available = sorted(p.stem for p in Path(rtn_dir).glob("*.pt"))
+            raise ConfigError(f"reconstruct.targets: {target!r} is not a quantize.bits entry; allowed: {available}")
+    resume_root = out.parent / f"{out.name}.resume"
+    with atomic_dir(out) as tmp_out, atomic_dir(plots) as tmp_plots:
+        for target in config.targets:
+            rtn = rtn_dir / f"{target}.pt"
+            model, model_name, qconfig = load_quant_file(rtn, build_model)
+            if model.names != store.units:
+                raise ModelError(f"{rtn} has units {model.names[:3]}..., the feature store {store.units[:3]}...")
+            groups = unit_groups(model.names, config.granularity, plan)
+            resume_dir = resume_root / _resume_key(config, target, rtn, store, groups)
+            torch.manual_seed(config.seed)
+            rows = _reconstruct_one(model, store, groups, config.recon(), device, resume_dir)
+            atomic_save_torch(quant_payload(model.cpu(), model_name, qconfig), tmp_out / f"{target}.pt")
+            header = "step\tphase\tunit\tloss_before\tloss_after\n"
+            lines = "".join(
+                f"{r['step']}\t{r['phase']}\t{r['unit']}\t{r['loss_before']}\t{r['loss_after']}\n" for r in rows
+            )
+            atomic_write_text(tmp_plots / f"{target}.tsv", header + lines)
+    shutil.rmtree(resume_root, ignore_errors=True)
+    return list(config.targets)
