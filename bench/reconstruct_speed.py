@@ -19,34 +19,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import DEVICE as CPU
+from common import build_store, pretrained
 
-from ptqflow.data import normalize
-from ptqflow.features import FeatureStore, FeatureStoreWriter, extract_features
-from ptqflow.fold import fold_bn
-from ptqflow.models import build_model, load_weights
 from ptqflow.quant.model import QuantConfig, build_quant_model, calibrate_activations
 from ptqflow.recon.reconstruct import ReconConfig, reconstruct
-from ptqflow.units import extract_units
-from stages.common import load_split
-
-ROOT = Path(__file__).resolve().parents[1]
-CPU = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def bench(name: str, iters: int, samples: int, work: Path) -> list[tuple[str, float, float]]:
-    fp = load_weights(build_model(name), ROOT / "data" / "pretrained" / f"{name}.pt").eval()
-    data = load_split(ROOT / "data" / "prepare" / "calibration.pt")
-    units = extract_units(fold_bn(fp))
-    x = normalize(data.images[:samples])
-    with torch.no_grad():
-        shapes, h = [], x[:1]
-        for u in units:
-            h = u.module(h)
-            shapes.append(tuple(h.shape[1:]))
-    writer = FeatureStoreWriter(work / f"{name}.zarr", [u.name for u in units], tuple(x.shape[1:]), shapes, samples)
-    batches = ((x[i : i + 64], data.labels[i : i + 64]) for i in range(0, samples, 64))
-    extract_features([u.module for u in units], batches, writer, CPU)
-    store = FeatureStore.open(work / f"{name}.zarr")
+    fp = pretrained(name)
+    store = build_store(fp, samples, work / f"{name}.zarr")
+    units = store.units
     model = build_quant_model(fp, QuantConfig(weight_bits=2, act_bits=4))
     calibrate_activations(model, lambda i: store.iter_inputs(i, 64, 256), 2.4, CPU)
     stamps: dict[str, list[float]] = {}

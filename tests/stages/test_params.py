@@ -55,7 +55,7 @@ def test_root_params_parse() -> None:
         ("reconstruct", ReconstructConfig, {"keep_prob": 1.5}, r"reconstruct.keep_prob must be in \[0, 1\], got 1.5"),
         ("reconstruct", ReconstructConfig, {"keep_prob": -0.1}, r"reconstruct.keep_prob must be in \[0, 1\]"),
         ("reconstruct", ReconstructConfig, {"iters": -5}, r"reconstruct.iters must be >= 1, got -5"),
-        ("reconstruct", ReconstructConfig, {"method": "adaquant"}, r"reconstruct.method must be one of 'brecq', 'qdrop'"),
+        ("reconstruct", ReconstructConfig, {"method": "adaquant"}, r"reconstruct.method must be one of 'brecq'"),
         ("reconstruct", ReconstructConfig, {"drop_prob": 0.5}, r"unknown key reconstruct.drop_prob"),
         ("reconstruct", ReconstructConfig, {"targets": []}, r"reconstruct.targets must name at least one"),
         ("reconstruct", ReconstructConfig, {"granularity": "layer"}, r"reconstruct.granularity must be one of"),

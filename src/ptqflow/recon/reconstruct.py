@@ -294,7 +294,7 @@ def _optimise_weights(
             if scheduler is not None:
                 scheduler.step()
             if update is not None:
-                update(t + 1, float(rec))
+                update(t + 1, rec.item())
     finally:
         for layer in layers:
             layer.finish_adaround()
@@ -334,7 +334,7 @@ def _optimise_acts(
             opt.step()
             scheduler.step()
             if update is not None:
-                update(t + 1, float(loss))
+                update(t + 1, loss.item())
     finally:
         for q in quantizers:
             q.lsq_grad_scale = False

@@ -23,12 +23,14 @@ def _setup(tmp_path: Path, bits: tuple[int, int] = (2, 4), n: int = 64) -> tuple
     x = TinyResNet.example_inputs(n)
     labels = torch.arange(n) % 10
     shapes = [(8, 8, 8), (8, 8, 8), (16, 4, 4), (10,)]
-    writer = FeatureStoreWriter(tmp_path / "s.zarr", [u.name for u in units], (3, 8, 8), shapes, n, chunk_size=16,
-                                shard_size=32)
+    writer = FeatureStoreWriter(
+        tmp_path / "s.zarr", [u.name for u in units], (3, 8, 8), shapes, n, chunk_size=16, shard_size=32
+    )
     extract_features([u.module for u in units], iter([(x, labels)]), writer, CPU)
     store = FeatureStore.open(tmp_path / "s.zarr")
-    model = build_quant_model(fp, QuantConfig(weight_bits=bits[0], act_bits=bits[1], first_last_weight_bits=None,
-                                              stem_act_bits=None))
+    model = build_quant_model(
+        fp, QuantConfig(weight_bits=bits[0], act_bits=bits[1], first_last_weight_bits=None, stem_act_bits=None)
+    )
     calibrate_activations(model, lambda i: store.iter_inputs(i, 32), 2.4, CPU)
     return model, store
 
@@ -42,8 +44,9 @@ def test_adaround_starts_at_fp_weight_and_ends_on_grid() -> None:
     scale = w.abs().amax(dim=(1, 2, 3)) / 3
     zero = torch.full((4,), 4.0)
     rounding = AdaRound(w, scale, zero, bits=3)
-    torch.testing.assert_close(rounding(), w.clamp(-4 * scale.view(-1, 1, 1, 1), 3 * scale.view(-1, 1, 1, 1)),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        rounding(), w.clamp(-4 * scale.view(-1, 1, 1, 1), 3 * scale.view(-1, 1, 1, 1)), atol=1e-5, rtol=1e-5
+    )
     rounding.soft = False
     hard = rounding() / scale.view(-1, 1, 1, 1)
     torch.testing.assert_close(hard, hard.round(), atol=1e-5, rtol=0)
@@ -63,8 +66,10 @@ def test_fisher_loss_matches_naive_reference() -> None:
     for n in range(3):
         for h in range(2):
             for w in range(2):
-                naive += sum(float((pred[n, c, h, w] - target[n, c, h, w]) ** 2 * (abs(grad[n, c, h, w]) + 1) ** 2)
-                             for c in range(4))
+                naive += sum(
+                    float((pred[n, c, h, w] - target[n, c, h, w]) ** 2 * (abs(grad[n, c, h, w]) + 1) ** 2)
+                    for c in range(4)
+                )
     assert float(reconstruction_loss(pred, target, grad, 2.0)) == pytest.approx(naive / 12, rel=1e-5)
 
 
@@ -84,7 +89,8 @@ def test_reconstruction_beats_round_to_nearest(tmp_path: Path, method: str) -> N
     for _, layer in model.quant_layers():
         q = layer.weight_quantizer
         w = layer.layer.weight / q.scale.view(-1, 1, 1, 1)[: layer.layer.weight.shape[0]].reshape(
-            -1, *([1] * (layer.layer.weight.dim() - 1)))
+            -1, *([1] * (layer.layer.weight.dim() - 1))
+        )
         torch.testing.assert_close(w, w.round(), atol=1e-4, rtol=0)  # hard-rounded weights on the grid
 
 

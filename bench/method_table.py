@@ -1,0 +1,76 @@
+"""Test top-1 of FP, RTN, BRECQ and QDrop at several W/A bit pairs on the embedded models.
+
+Everything in one process, same calibration set (data/prepare/calibration.pt, 1024 images drawn with
+seed 1005; run ``dvc repro prepare`` first), same seeds. Prints a markdown table.
+
+    python bench/method_table.py [--iters 300] [--models resnet20 mobilenetv2_s] [--bits 4/4 2/4 3/3 2/2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import DEVICE, ROOT, build_store, pretrained
+
+from ptqflow.data import normalize
+from ptqflow.evaluate import accuracy, predict_logits
+from ptqflow.quant.model import QuantConfig, build_quant_model, calibrate_activations
+from ptqflow.recon.reconstruct import ReconConfig, reconstruct
+from stages.common import load_split
+
+#: lambda of the rounding regulariser per model (algorithms.md section 2: 0.01 ResNet, 0.1 MobileNetV2).
+REG_WEIGHT = {"resnet20": 0.01, "mobilenetv2_s": 0.1}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2_s"])
+    parser.add_argument("--bits", nargs="+", default=["4/4", "2/4", "3/3", "2/2"])
+    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    test = load_split(ROOT / "data" / "prepare" / "test.pt")
+
+    def top1(model: torch.nn.Module) -> float:
+        return accuracy(predict_logits(model, test, 500, normalize, DEVICE), test.labels)["top1"]
+
+    lines = ["| model | W/A | FP | RTN | BRECQ | QDrop |", "|---|---|---|---|---|---|"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models:
+            fp = pretrained(name)
+            store = build_store(fp, 1024, Path(tmp) / f"{name}.zarr")
+            fp_top1 = top1(fp)
+            for bits in args.bits:
+                w, a = (int(b) for b in bits.split("/"))
+                rtn = build_quant_model(fp, QuantConfig(weight_bits=w, act_bits=a))
+                calibrate_activations(rtn, lambda i, s=store: s.iter_inputs(i, 64, 256), 2.4, DEVICE)
+                row = [name, bits, f"{fp_top1:.2f}", f"{top1(rtn):.2f}"]
+                for method in ("brecq", "qdrop"):
+                    model = copy.deepcopy(rtn)
+                    config = ReconConfig(
+                        method=method,
+                        iters=args.iters,
+                        act_iters=max(1, args.iters // 3),
+                        reg_weight=REG_WEIGHT.get(name, 0.01),
+                        seed=args.seed,
+                    )
+                    start = time.perf_counter()
+                    torch.manual_seed(args.seed)
+                    reconstruct(model, store, [[i] for i in range(len(store.units))], config, DEVICE)
+                    row.append(f"{top1(model):.2f} ({time.perf_counter() - start:.0f}s)")
+                lines.append("| " + " | ".join(row) + " |")
+                print(lines[-1], flush=True)
+    print(
+        f"\n{args.iters} iterations per unit (BRECQ activation phase: {max(1, args.iters // 3)}), batch 32,"
+        f" seed {args.seed}, device {DEVICE}\n"
+    )
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
