@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -43,7 +43,8 @@ class QuantizeConfig:
     """Args:
     bits: one RTN model per entry, ``name: {weight_bits, act_bits}``; the name is its file name.
     first_last_weight_bits: bits of the first conv and the last linear (null: as weight_bits).
-    stem_act_bits: bits of the stem output (null: as act_bits).
+    convention: ``brecq`` (stem output 8-bit, stem not reconstructed) or ``qdrop`` (stem reconstructed,
+        head input 8-bit).
     p: exponent of the Lp range search.
     calib_size: calibration samples that initialise activation ranges.
     batch_size: samples per batch while calibrating.
@@ -51,7 +52,7 @@ class QuantizeConfig:
 
     bits: dict[str, BitPair] = field(default_factory=_default_bits)
     first_last_weight_bits: int | None = 8
-    stem_act_bits: int | None = 8
+    convention: Literal["brecq", "qdrop"] = "brecq"
     p: float = 2.4
     calib_size: int = 256
     batch_size: int = 64
@@ -76,7 +77,7 @@ class QuantizeConfig:
             weight_bits=pair.weight_bits,
             act_bits=pair.act_bits,
             first_last_weight_bits=self.first_last_weight_bits,
-            stem_act_bits=self.stem_act_bits,
+            convention=self.convention,
             p=self.p,
             calib_size=self.calib_size,
         )

@@ -107,6 +107,7 @@ def _reconstruct_one(
     config: ReconConfig,
     device: torch.device,
     resume_dir: Path,
+    convention: str,
 ) -> list[dict[str, Any]]:
     start = 0
     state_file = resume_dir / "state.pt"
@@ -132,7 +133,10 @@ def _reconstruct_one(
         atomic_save_torch({"state_dict": state, "next_step": index + 1, "rows": json.dumps(rows)}, state_file)
 
     resume_dir.mkdir(parents=True, exist_ok=True)
-    reconstruct(model, store, groups, config, device, start=start, on_step_done=checkpoint, progress=progress_bar)
+    skip = frozenset(i for i, kind in enumerate(model.unit_kinds()) if kind == "stem" and convention == "brecq")
+    reconstruct(
+        model, store, groups, config, device, start=start, skip=skip, on_step_done=checkpoint, progress=progress_bar
+    )
     return rows
 
 
@@ -159,7 +163,7 @@ def run(
             groups = unit_groups(model.names, config.granularity, plan)
             resume_dir = resume_root / _resume_key(config, target, rtn, store, groups)
             torch.manual_seed(config.seed)
-            rows = _reconstruct_one(model, store, groups, config.recon(), device, resume_dir)
+            rows = _reconstruct_one(model, store, groups, config.recon(), device, resume_dir, qconfig.convention)
             atomic_save_torch(quant_payload(model.cpu(), model_name, qconfig), tmp_out / f"{target}.pt")
             header = "step\tphase\tunit\tloss_before\tloss_after\n"
             lines = "".join(

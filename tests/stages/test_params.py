@@ -51,6 +51,12 @@ def test_root_params_parse() -> None:
         ("quantize", QuantizeConfig, {"bits": {}}, r"quantize.bits must name at least one"),
         ("quantize", QuantizeConfig, {"bits": [4, 4]}, r"quantize.bits must be a mapping"),
         ("quantize", QuantizeConfig, {"p": "two"}, r"quantize.p must be a number"),
+        (
+            "quantize",
+            QuantizeConfig,
+            {"convention": "mqbench"},
+            r"quantize.convention must be one of 'brecq', 'qdrop'",
+        ),
         ("prepare", PrepareConfig, [1, 2], r"prepare must be a mapping of keys"),
         ("reconstruct", ReconstructConfig, {"keep_prob": 1.5}, r"reconstruct.keep_prob must be in \[0, 1\], got 1.5"),
         ("reconstruct", ReconstructConfig, {"keep_prob": -0.1}, r"reconstruct.keep_prob must be in \[0, 1\]"),

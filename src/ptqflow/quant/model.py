@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -43,8 +43,10 @@ class QuantConfig:
         act_bits: bits of every activation quantizer not overridden below.
         first_last_weight_bits: bits of the first conv and the last linear layer (BRECQ/QDrop keep them
             at 8); ``null`` uses ``weight_bits``.
-        stem_act_bits: bits of the stem's output activations (BRECQ keeps them at 8); ``null`` uses
-            ``act_bits``.
+        convention: where the 8-bit exceptions sit (algorithms.md section 1.3). ``brecq``: the stem's
+            output activations are 8-bit and the stem is not reconstructed; ``qdrop``: the stem output is
+            at ``act_bits`` and the stem is reconstructed, but the input of the head (the last block's
+            output quantizer) is 8-bit.
         p: exponent of the Lp range search (2.4 as in BRECQ/QDrop).
         calib_size: calibration images used to initialise activation ranges.
     """
@@ -52,12 +54,14 @@ class QuantConfig:
     weight_bits: int = 4
     act_bits: int = 4
     first_last_weight_bits: int | None = 8
-    stem_act_bits: int | None = 8
+    convention: Literal["brecq", "qdrop"] = "brecq"
     p: float = 2.4
     calib_size: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("weight_bits", "act_bits", "first_last_weight_bits", "stem_act_bits"):
+        if self.convention not in ("brecq", "qdrop"):
+            raise ConfigError(f"convention must be one of 'brecq', 'qdrop', got {self.convention!r}")
+        for name in ("weight_bits", "act_bits", "first_last_weight_bits"):
             value = getattr(self, name)
             if value is not None:
                 try:
@@ -106,6 +110,10 @@ class QuantModel(nn.Module):
         for _, unit in self.named_units():
             unit.set_quant_state(weight, act)
 
+    def unit_kinds(self) -> list[str]:
+        """``stem``, ``block``, ``head`` or ``glue`` per unit, in forward order."""
+        return [unit.kind for _, unit in self.named_units()]
+
     def bit_config(self) -> dict[str, dict[str, int]]:
         """``{"weights": {layer: bits}, "activations": {quantizer: bits}}``."""
         return {
@@ -138,8 +146,8 @@ def build_quant_model(fp_model: nn.Module, config: QuantConfig, init_weights: bo
     quant_units = []
     for unit in units:
         act_bits = config.act_bits
-        if unit.kind == "stem" and config.stem_act_bits is not None:
-            act_bits = config.stem_act_bits
+        if unit.kind == "stem" and config.convention == "brecq":
+            act_bits = 8
         quant_units.append(build_quant_unit(unit.module, unit.kind, config.weight_bits, act_bits))
     model = QuantModel([u.name for u in units], quant_units)
     layers = [layer for _, layer in model.quant_layers()]
@@ -148,6 +156,10 @@ def build_quant_model(fp_model: nn.Module, config: QuantConfig, init_weights: bo
     if config.first_last_weight_bits is not None:
         for layer in (layers[0], layers[-1]):
             layer.weight_quantizer = WeightQuantizer(config.first_last_weight_bits, layer.layer.weight.shape[0])
+    if config.convention == "qdrop" and len(quant_units) > 1 and quant_units[-1].kind == "head":
+        before_head = [q for _, q in quant_units[-2].act_quantizers()]
+        if before_head:
+            before_head[-1].bits = 8  # the head's input (QDrop's "last layer input at 8 bits")
     if init_weights:
         for layer in layers:
             layer.weight_quantizer.init_range(layer.layer.weight, config.p)

@@ -165,6 +165,7 @@ def reconstruct(
     device: torch.device,
     *,
     start: int = 0,
+    skip: frozenset[int] = frozenset(),
     on_step_done: Callable[[int, Step, dict[str, float]], None] | None = None,
     progress: ProgressFactory | None = None,
 ) -> list[dict[str, float]]:
@@ -178,6 +179,7 @@ def reconstruct(
         device: where to optimise.
         start: the first step to run; earlier steps are taken as done (resume: their units must
             already hold their reconstructed state).
+        skip: units never reconstructed (BRECQ's stem): a group made only of them keeps RTN.
         on_step_done: called after each step with its index, the step and its stats (write resume
             state there).
         progress: ``progress(total, label)`` returns ``update(iteration, loss)`` for a progress bar.
@@ -200,7 +202,7 @@ def reconstruct(
         first, last = step.group[0], step.group[-1]
         group = _Group([model.units[i] for i in step.group])
         acts_during = step.phase != "weights"
-        if index < start:
+        if index < start or set(step.group) <= skip:
             if step.phase != "acts":
                 model.set_quant_state(weight=True, act=acts_during)
                 x_q = _forward_all(group, x_q, eval_batch)

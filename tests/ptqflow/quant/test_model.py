@@ -85,3 +85,12 @@ def test_size_shrinks_with_bits() -> None:
 def test_config_rejects_bad_bits(field: str) -> None:
     with pytest.raises(ConfigError, match=f"{field} must be an integer in 2..8"):
         QuantConfig(**{field: 9})  # type: ignore[arg-type]
+
+
+def test_conventions_place_the_8bit_exceptions() -> None:
+    brecq = build_quant_model(build_model("resnet20"), QuantConfig(weight_bits=2, act_bits=3, convention="brecq"))
+    qdrop = build_quant_model(build_model("resnet20"), QuantConfig(weight_bits=2, act_bits=3, convention="qdrop"))
+    b, q = brecq.bit_config()["activations"], qdrop.bit_config()["activations"]
+    assert b["stem.segment.act0"] == 8 and b["layer3.2.act_out"] == 3
+    assert q["stem.segment.act0"] == 3 and q["layer3.2.act_out"] == 8
+    assert brecq.unit_kinds()[0] == "stem" and brecq.unit_kinds()[-1] == "head"

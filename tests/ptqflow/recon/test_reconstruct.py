@@ -29,7 +29,7 @@ def _setup(tmp_path: Path, bits: tuple[int, int] = (2, 4), n: int = 64) -> tuple
     extract_features([u.module for u in units], iter([(x, labels)]), writer, CPU)
     store = FeatureStore.open(tmp_path / "s.zarr")
     model = build_quant_model(
-        fp, QuantConfig(weight_bits=bits[0], act_bits=bits[1], first_last_weight_bits=None, stem_act_bits=None)
+        fp, QuantConfig(weight_bits=bits[0], act_bits=bits[1], first_last_weight_bits=None, convention="qdrop")
     )
     calibrate_activations(model, lambda i: store.iter_inputs(i, 32), 2.4, CPU)
     return model, store
@@ -152,3 +152,14 @@ def test_groups_must_cover_units(tmp_path: Path) -> None:
         reconstruct(model, store, [[0], [2]], ReconConfig(iters=1), CPU)
     with pytest.raises(ConfigError, match="keep_prob must be in"):
         ReconConfig(keep_prob=1.5)
+
+
+def test_skipped_stem_keeps_round_to_nearest(tmp_path: Path) -> None:
+    model, store = _setup(tmp_path)
+    stem_before = {k: v.clone() for k, v in model.units[0].state_dict().items()}
+    stats = reconstruct(
+        model, store, [[0], [1], [2], [3]], ReconConfig(iters=5, batch_size=8), CPU, skip=frozenset({0})
+    )
+    assert len(stats) == 3
+    for key, value in model.units[0].state_dict().items():
+        assert torch.equal(value, stem_before[key]), key
