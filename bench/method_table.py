@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--bits", nargs="+", default=["4/4", "2/4", "3/3", "2/2"])
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--convention", choices=["brecq", "qdrop"], default="brecq")
     args = parser.parse_args()
     test = load_split(ROOT / "data" / "prepare" / "test.pt")
 
@@ -47,7 +48,7 @@ def main() -> None:
             fp_top1 = top1(fp)
             for bits in args.bits:
                 w, a = (int(b) for b in bits.split("/"))
-                rtn = build_quant_model(fp, QuantConfig(weight_bits=w, act_bits=a))
+                rtn = build_quant_model(fp, QuantConfig(weight_bits=w, act_bits=a, convention=args.convention))
                 calibrate_activations(rtn, lambda i, s=store: s.iter_inputs(i, 64, 256), 2.4, DEVICE)
                 row = [name, bits, f"{fp_top1:.2f}", f"{top1(rtn):.2f}"]
                 for method in ("brecq", "qdrop"):
@@ -61,7 +62,8 @@ def main() -> None:
                     )
                     start = time.perf_counter()
                     torch.manual_seed(args.seed)
-                    reconstruct(model, store, [[i] for i in range(len(store.units))], config, DEVICE)
+                    skip = frozenset({0}) if args.convention == "brecq" else frozenset()  # BRECQ keeps the stem RTN
+                    reconstruct(model, store, [[i] for i in range(len(store.units))], config, DEVICE, skip=skip)
                     row.append(f"{top1(model):.2f} ({time.perf_counter() - start:.0f}s)")
                 lines.append("| " + " | ".join(row) + " |")
                 print(lines[-1], flush=True)
