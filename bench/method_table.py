@@ -69,7 +69,7 @@ def main() -> None:
                 print(lines[-1], flush=True)
     print(
         f"\n{args.iters} iterations per unit (BRECQ activation phase: {max(1, args.iters // 3)}), batch 32,"
-        f" seed {args.seed}, device {DEVICE}\n"
+        f" seed {args.seed}, convention {args.convention}, device {DEVICE}\n"
     )
     print("\n".join(lines))
 
