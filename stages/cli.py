@@ -24,6 +24,11 @@ log = logging.getLogger("ptqflow")
 _PATH = click.Path(path_type=Path)
 
 
+def _path_option(*decls: str, default: Path | None, help: str) -> Callable[[F], F]:
+    """A ``--flag PATH`` option; the default (if any) is shown in ``--help``."""
+    return click.option(*decls, type=_PATH, default=default, show_default=default is not None, help=help)
+
+
 class _Context:
     def __init__(self, params_path: Path) -> None:
         self.params_path = params_path
@@ -58,14 +63,7 @@ def _stage(func: F) -> F:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option(
-    "--params",
-    "params_path",
-    type=_PATH,
-    default=Path("params.yaml"),
-    show_default=True,
-    help="Params file to read hyperparameters from.",
-)
+@_path_option("--params", "params_path", default=Path("params.yaml"), help="Params file to read hyperparameters from.")
 @click.option("-v", "--verbose", count=True, help="More log output (repeatable).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.version_option(package_name="ptqflow")
@@ -83,13 +81,8 @@ pass_ctx = click.make_pass_decorator(_Context)
 
 
 @cli.command()
-@click.option(
-    "--out",
-    "out_dir",
-    type=_PATH,
-    default=Path("data/prepare"),
-    show_default=True,
-    help="Folder for calibration.pt, test.pt and manifest.json.",
+@_path_option(
+    "--out", "out_dir", default=Path("data/prepare"), help="Folder for calibration.pt, test.pt and manifest.json."
 )
 @pass_ctx
 @_stage
@@ -107,20 +100,10 @@ def prepare(ctx: _Context, out_dir: Path) -> None:
 
 
 @cli.command()
-@click.option(
-    "--calibration",
-    type=_PATH,
-    default=Path("data/prepare/calibration.pt"),
-    show_default=True,
-    help="Calibration split written by prepare.",
+@_path_option(
+    "--calibration", default=Path("data/prepare/calibration.pt"), help="Calibration split written by prepare."
 )
-@click.option(
-    "--out",
-    type=_PATH,
-    default=Path("data/features/store.zarr"),
-    show_default=True,
-    help="Feature store (zarr v3 folder) to write.",
-)
+@_path_option("--out", default=Path("data/features/store.zarr"), help="Feature store (zarr v3 folder) to write.")
 @pass_ctx
 @_stage
 def features(ctx: _Context, calibration: Path, out: Path) -> None:
@@ -132,21 +115,10 @@ def features(ctx: _Context, calibration: Path, out: Path) -> None:
 
 
 @cli.command()
-@click.option(
-    "--features",
-    "features_path",
-    type=_PATH,
-    default=Path("data/features/store.zarr"),
-    show_default=True,
-    help="Feature store written by features.",
+@_path_option(
+    "--features", "features_path", default=Path("data/features/store.zarr"), help="Feature store written by features."
 )
-@click.option(
-    "--out",
-    type=_PATH,
-    default=Path("data/quantize"),
-    show_default=True,
-    help="Folder for one <name>.pt per configured bit pair.",
-)
+@_path_option("--out", default=Path("data/quantize"), help="Folder for one <name>.pt per configured bit pair.")
 @pass_ctx
 @_stage
 def quantize(ctx: _Context, features_path: Path, out: Path) -> None:
@@ -158,41 +130,29 @@ def quantize(ctx: _Context, features_path: Path, out: Path) -> None:
 
 
 @cli.command()
-@click.option(
-    "--features",
-    "features_path",
-    type=_PATH,
-    default=Path("data/features/store.zarr"),
-    show_default=True,
-    help="Feature store written by features.",
+@_path_option(
+    "--features", "features_path", default=Path("data/features/store.zarr"), help="Feature store written by features."
 )
-@click.option(
+@_path_option(
     "--rtn",
     "rtn_dir",
-    type=_PATH,
     default=Path("data/quantize"),
-    show_default=True,
     help="Folder of RTN models written by quantize (the starting points).",
 )
-@click.option(
+@_path_option(
     "--plan",
     "plan_path",
-    type=_PATH,
     default=None,
     help='Optional unit plan (JSON {"groups": [[unit, ...], ...]}) merging adjacent units.',
 )
-@click.option(
+@_path_option(
     "--out",
-    type=_PATH,
     default=Path("data/reconstruct"),
-    show_default=True,
     help="Folder for one reconstructed <target>.pt per reconstruct.targets entry.",
 )
-@click.option(
+@_path_option(
     "--plots",
-    type=_PATH,
     default=Path("plots/reconstruct"),
-    show_default=True,
     help="Folder for per-unit loss tables (<target>.tsv, DVC plots data).",
 )
 @pass_ctx
@@ -208,13 +168,7 @@ def reconstruct(
 
 
 @cli.command()
-@click.option(
-    "--test",
-    type=_PATH,
-    default=Path("data/prepare/test.pt"),
-    show_default=True,
-    help="Test split written by prepare.",
-)
+@_path_option("--test", default=Path("data/prepare/test.pt"), help="Test split written by prepare.")
 @click.option(
     "--models",
     "model_dirs",
@@ -223,9 +177,7 @@ def reconstruct(
     show_default=True,
     help="METHOD=FOLDER of quantized models to evaluate (repeatable).",
 )
-@click.option(
-    "--out", type=_PATH, default=Path("metrics/evaluate.json"), show_default=True, help="Metrics JSON to write."
-)
+@_path_option("--out", default=Path("metrics/evaluate.json"), help="Metrics JSON to write.")
 @pass_ctx
 @_stage
 def evaluate(ctx: _Context, test: Path, model_dirs: tuple[str, ...], out: Path) -> None:
@@ -279,19 +231,13 @@ def train(ctx: _Context, model_name: str, out: Path, metrics: Path) -> None:
 
 @cli.command("publish-weights")
 @click.option("--model", "model_name", required=True, help="Embedded model name (resnet20, mobilenetv2_s).")
-@click.option(
+@_path_option(
     "--train-dir",
-    type=_PATH,
     default=Path("pipelines/train"),
-    show_default=True,
     help="The training pipeline folder (its out/ and metrics/ hold the result).",
 )
-@click.option(
-    "--dest",
-    type=_PATH,
-    default=Path("data/pretrained"),
-    show_default=True,
-    help="Folder of the released checkpoints and their manifest.json.",
+@_path_option(
+    "--dest", default=Path("data/pretrained"), help="Folder of the released checkpoints and their manifest.json."
 )
 @_stage
 def publish_weights(model_name: str, train_dir: Path, dest: Path) -> None:

@@ -68,12 +68,6 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return pairs
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def fold_bn(model: nn.Module) -> nn.Module:
     """Return an eval-mode copy of ``model`` with every foldable BN merged into its conv.
 
@@ -85,6 +79,6 @@ def fold_bn(model: nn.Module) -> nn.Module:
         conv = model.get_submodule(conv_name)
         bn = model.get_submodule(bn_name)
         assert isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)
-        _set_submodule(model, conv_name, fold_conv_bn(conv, bn))
-        _set_submodule(model, bn_name, nn.Identity())
+        model.set_submodule(conv_name, fold_conv_bn(conv, bn))
+        model.set_submodule(bn_name, nn.Identity())
     return model

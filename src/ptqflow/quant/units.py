@@ -255,7 +255,7 @@ class QuantSegment(QuantUnit):
         for node in list(gm.graph.nodes):
             module = modules.get(node.target) if node.op == "call_module" else None
             if isinstance(module, nn.Conv2d | nn.Linear):
-                _replace(gm, str(node.target), QuantLayer(module, weight_bits))
+                gm.set_submodule(str(node.target), QuantLayer(module, weight_bits))
             is_act = (module is not None and type(module) in _ACTIVATIONS) or (
                 node.op == "call_function" and node.target in _ACT_FUNCTIONS
             )
@@ -271,9 +271,3 @@ class QuantSegment(QuantUnit):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.segment(x)
-
-
-def _replace(gm: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
-    setattr(parent, child, module)
