@@ -34,13 +34,16 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--convention", choices=["brecq", "qdrop"], default="brecq")
+    parser.add_argument("--act-lr", type=float, default=4e-5, help="QDrop's activation-step learning rate")
+    parser.add_argument("--methods", nargs="+", default=["brecq", "qdrop"], choices=["brecq", "qdrop"])
     args = parser.parse_args()
     test = load_split(ROOT / "data" / "prepare" / "test.pt")
 
     def top1(model: torch.nn.Module) -> float:
         return accuracy(predict_logits(model, test, 500, normalize, DEVICE), test.labels)["top1"]
 
-    lines = ["| model | W/A | FP | RTN | BRECQ | QDrop |", "|---|---|---|---|---|---|"]
+    head = " | ".join({"brecq": "BRECQ", "qdrop": "QDrop"}[m] for m in args.methods)
+    lines = [f"| model | W/A | FP | RTN | {head} |", "|---|---|---|---" + "|---" * len(args.methods) + "|"]
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             fp = pretrained(name)
@@ -51,13 +54,14 @@ def main() -> None:
                 rtn = build_quant_model(fp, QuantConfig(weight_bits=w, act_bits=a, convention=args.convention))
                 calibrate_activations(rtn, lambda i, s=store: s.iter_inputs(i, 64, 256), 2.4, DEVICE)
                 row = [name, bits, f"{fp_top1:.2f}", f"{top1(rtn):.2f}"]
-                for method in ("brecq", "qdrop"):
+                for method in args.methods:
                     model = copy.deepcopy(rtn)
                     config = ReconConfig(
                         method=method,
                         iters=args.iters,
                         act_iters=max(1, args.iters // 3),
                         reg_weight=REG_WEIGHT.get(name, 0.01),
+                        act_lr=args.act_lr,
                         seed=args.seed,
                     )
                     start = time.perf_counter()
@@ -69,7 +73,7 @@ def main() -> None:
                 print(lines[-1], flush=True)
     print(
         f"\n{args.iters} iterations per unit (BRECQ activation phase: {max(1, args.iters // 3)}), batch 32,"
-        f" seed {args.seed}, convention {args.convention}, device {DEVICE}\n"
+        f" QDrop act lr {args.act_lr:g}, seed {args.seed}, convention {args.convention}, device {DEVICE}\n"
     )
     print("\n".join(lines))
 

@@ -133,11 +133,14 @@ def quantize(ctx: _Context, features_path: Path, out: Path) -> None:
 @_path_option(
     "--features", "features_path", default=Path("data/features/store.zarr"), help="Feature store written by features."
 )
-@_path_option(
+@click.option(
     "--rtn",
-    "rtn_dir",
-    default=Path("data/quantize"),
-    help="Folder of RTN models written by quantize (the starting points).",
+    "rtn_dirs",
+    type=_PATH,
+    multiple=True,
+    default=(Path("data/quantize"),),
+    show_default=True,
+    help="Folder of starting models: quantize's RTN models, select's mixed one (repeatable).",
 )
 @_path_option(
     "--plan",
@@ -158,12 +161,12 @@ def quantize(ctx: _Context, features_path: Path, out: Path) -> None:
 @pass_ctx
 @_stage
 def reconstruct(
-    ctx: _Context, features_path: Path, rtn_dir: Path, plan_path: Path | None, out: Path, plots: Path
+    ctx: _Context, features_path: Path, rtn_dirs: tuple[Path, ...], plan_path: Path | None, out: Path, plots: Path
 ) -> None:
     """BRECQ / QDrop block reconstruction of RTN models (params: base.device, reconstruct.*)."""
     from stages import reconstruct as stage
 
-    names = stage.run(ctx.params(), features_path, rtn_dir, out, plots, plan_path)
+    names = stage.run(ctx.params(), features_path, rtn_dirs, out, plots, plan_path)
     log.info("wrote %s", ", ".join(f"{out}/{n}.pt" for n in names))
 
 
@@ -175,7 +178,7 @@ def reconstruct(
     multiple=True,
     default=("rtn=data/quantize",),
     show_default=True,
-    help="METHOD=FOLDER of quantized models to evaluate (repeatable).",
+    help="METHOD=FOLDER of quantized models to evaluate (repeatable; a method may name several folders).",
 )
 @_path_option("--out", default=Path("metrics/evaluate.json"), help="Metrics JSON to write.")
 @pass_ctx
@@ -184,20 +187,20 @@ def evaluate(ctx: _Context, test: Path, model_dirs: tuple[str, ...], out: Path) 
     """Top-1/top-5 and size of the FP and quantized models (params: base.*, evaluate.*)."""
     from stages import evaluate as stage
 
-    folders: dict[str, Path] = {}
+    folders: dict[str, list[Path]] = {}
     for item in model_dirs:
         method, sep, folder = item.partition("=")
         if not sep or not method or not folder:
             raise BadInput(f"--models takes METHOD=FOLDER (e.g. rtn=data/quantize), got {item!r}")
-        folders[method] = Path(folder)
+        folders.setdefault(method, []).append(Path(folder))
     metrics = stage.run(ctx.params(), test, folders, out)
     click.echo(_table(metrics))
 
 
 def _table(metrics: dict[str, Any]) -> str:
-    rows = [("model", "W/A", "top-1", "top-5", "size MB")]
+    rows = [("model", "W/A", "avg W bits", "top-1", "top-5", "size MB")]
     fp = metrics["fp"]
-    rows.append(("FP", "32/32", f"{fp['top1']:.2f}", f"{fp['top5']:.2f}", f"{fp['size_mb']:.3f}"))
+    rows.append(("FP", "32/32", "32", f"{fp['top1']:.2f}", f"{fp['top5']:.2f}", f"{fp['size_mb']:.3f}"))
     for method, results in metrics.items():
         if method in ("fp", "samples"):
             continue
@@ -206,6 +209,7 @@ def _table(metrics: dict[str, Any]) -> str:
                 (
                     f"{method.upper()} {name}",
                     f"{r['weight_bits']}/{r['act_bits']}",
+                    f"{r['avg_weight_bits']:.2f}",
                     f"{r['top1']:.2f}",
                     f"{r['top5']:.2f}",
                     f"{r['size_mb']:.3f}",
@@ -213,6 +217,76 @@ def _table(metrics: dict[str, Any]) -> str:
             )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+@cli.command()
+@_path_option(
+    "--features", "features_path", default=Path("data/features/store.zarr"), help="Feature store written by features."
+)
+@_path_option("--rtn", "rtn_dir", default=Path("data/quantize"), help="Folder of RTN models written by quantize.")
+@_path_option("--out", default=Path("data/sensitivity"), help="Folder for tables.json and modcap.json.")
+@_path_option("--plots", default=Path("plots/sensitivity"), help="Folder for units.tsv (DVC plots).")
+@pass_ctx
+@_stage
+def sensitivity(ctx: _Context, features_path: Path, rtn_dir: Path, out: Path, plots: Path) -> None:
+    """Per-unit bit-assignment loss tables (BRECQ) and ModCap (MRECG) (params: base.device, sensitivity.*)."""
+    from stages import sensitivity as stage
+
+    document = stage.run(ctx.params(), features_path, rtn_dir, out, plots)
+    log.info("%d unit tables, ModCap of %s", len(document["tables"]), ", ".join(document["modcap"]))
+
+
+@cli.command()
+@_path_option(
+    "--tables", "tables_path", default=Path("data/sensitivity/tables.json"), help="Loss tables written by sensitivity."
+)
+@_path_option("--out", default=Path("data/search"), help="Folder for front.json.")
+@_path_option("--plots", default=Path("plots/search"), help="Folder for front.tsv (DVC plots).")
+@pass_ctx
+@_stage
+def search(ctx: _Context, tables_path: Path, out: Path, plots: Path) -> None:
+    """Genetic (NSGA-II) mixed-precision search: the Pareto fronts (params: search.*)."""
+    from stages import search as stage
+
+    result = stage.run(ctx.params(), tables_path, out, plots)
+    log.info("fronts: %s", ", ".join(f"{c} {len(f)} points" for c, f in result["fronts"].items()))
+
+
+@cli.command("select")
+@_path_option("--front", "front_path", default=Path("data/search/front.json"), help="Front written by search.")
+@_path_option("--rtn", "rtn_dir", default=Path("data/quantize"), help="Folder of RTN models written by quantize.")
+@_path_option("--out", default=Path("data/select"), help="Folder for the selected model and selection.json.")
+@pass_ctx
+@_stage
+def select_(ctx: _Context, front_path: Path, rtn_dir: Path, out: Path) -> None:
+    """Pick the mixed-precision configuration for select.budget from the front (params: select.*)."""
+    from stages import select as stage
+
+    record = stage.run(ctx.params(), front_path, rtn_dir, out)
+    log.info(
+        "selected %.4g MiB, %.3g avg bits, %.4g GBitOPs, sensitivity %.4g",
+        record["size_mb"],
+        record["avg_bits"],
+        record["bitops"],
+        record["sensitivity"],
+    )
+
+
+@cli.command()
+@_path_option(
+    "--modcap", "modcap_path", default=Path("data/sensitivity/modcap.json"), help="ModCap written by sensitivity."
+)
+@_path_option("--out", default=Path("data/plan"), help="Folder for plan.json (read by reconstruct --plan).")
+@_path_option("--plots", default=Path("plots/plan"), help="Folder for modcap.tsv (DVC plots).")
+@pass_ctx
+@_stage
+def plan(ctx: _Context, modcap_path: Path, out: Path, plots: Path) -> None:
+    """MRECG: merge the adjacent units with the largest ModCap differentials (params: plan.*)."""
+    from stages import plan as stage
+
+    document = stage.run(ctx.params(), modcap_path, out, plots)
+    merged = [g for g in document["groups"] if len(g) > 1]
+    log.info("plan: %s", "; ".join("+".join(g) for g in merged) or "no merges (block-wise)")
 
 
 @cli.command()

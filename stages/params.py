@@ -42,7 +42,19 @@ class BaseConfig:
 
 
 #: Every top-level section a params file of this project may hold (each pipeline uses a subset).
-SECTIONS = ("base", "prepare", "features", "quantize", "reconstruct", "evaluate", "train")
+SECTIONS = (
+    "base",
+    "prepare",
+    "features",
+    "quantize",
+    "sensitivity",
+    "search",
+    "select",
+    "plan",
+    "reconstruct",
+    "evaluate",
+    "train",
+)
 
 
 def load_params(path: Path) -> dict[str, Any]:

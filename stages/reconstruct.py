@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,12 +38,14 @@ class ReconstructConfig(ReconConfig):
 
     Args:
         targets: names of ``quantize.bits`` entries whose RTN models are reconstructed.
-        granularity: ``block`` (one unit per block; BRECQ's choice), ``stage`` (blocks of one stage
-            together) or ``net`` (everything at once). A plan file (``--plan``) overrides it.
+        granularity: ``block`` (one unit per block, BRECQ's choice; adjacent units merged as a plan file
+            (``--plan``, e.g. MRECG's) says), ``stage`` (blocks of one stage together) or ``net``
+            (everything at once) or ``layer`` (each conv/linear on its own, inside each block: BRECQ's
+            layer-wise baseline); the plan is used with ``block`` only.
     """
 
     targets: tuple[str, ...] = field(default=("w2a4",))
-    granularity: Literal["block", "stage", "net"] = "block"
+    granularity: Literal["layer", "block", "stage", "net"] = "block"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -56,8 +59,8 @@ class ReconstructConfig(ReconConfig):
 
 
 def unit_groups(names: list[str], granularity: str, plan: list[list[str]] | None) -> list[list[int]]:
-    """Unit indices per reconstruction group, from a plan (lists of unit names) or the granularity."""
-    if plan is not None:
+    """Unit indices per reconstruction group: the plan's groups (``block``), or by the granularity."""
+    if plan is not None and granularity == "block":
         flat = [n for group in plan for n in group]
         if flat != names:
             raise ModelError(f"unit plan does not match the model: it lists {flat}, the model's units are {names}")
@@ -65,7 +68,7 @@ def unit_groups(names: list[str], granularity: str, plan: list[list[str]] | None
         return [[index[n] for n in group] for group in plan]
     if granularity == "net":
         return [list(range(len(names)))]
-    if granularity == "block":
+    if granularity in ("block", "layer"):
         return [[i] for i in range(len(names))]
     groups: list[list[int]] = []
     previous = None
@@ -94,7 +97,8 @@ def _resume_key(
     config: ReconstructConfig, target: str, rtn: Path, store: FeatureStore, groups: list[list[int]]
 ) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"config": asdict(config.recon()), "groups": groups}, sort_keys=True).encode())
+    key = {"config": asdict(config.recon()), "groups": groups, "granularity": config.granularity}
+    h.update(json.dumps(key, sort_keys=True).encode())
     h.update(rtn.read_bytes())
     h.update(json.dumps(store.meta["checksums"], sort_keys=True).encode())
     return f"{target}-{h.hexdigest()[:16]}"
@@ -108,6 +112,7 @@ def _reconstruct_one(
     device: torch.device,
     resume_dir: Path,
     convention: str,
+    layerwise: bool,
 ) -> list[dict[str, Any]]:
     start = 0
     state_file = resume_dir / "state.pt"
@@ -135,35 +140,71 @@ def _reconstruct_one(
     resume_dir.mkdir(parents=True, exist_ok=True)
     skip = frozenset(i for i, kind in enumerate(model.unit_kinds()) if kind == "stem" and convention == "brecq")
     reconstruct(
-        model, store, groups, config, device, start=start, skip=skip, on_step_done=checkpoint, progress=progress_bar
+        model,
+        store,
+        groups,
+        config,
+        device,
+        start=start,
+        skip=skip,
+        layerwise=layerwise,
+        on_step_done=checkpoint,
+        progress=progress_bar,
     )
     return rows
 
 
 def run(
-    params: dict[str, Any], features: Path, rtn_dir: Path, out: Path, plots: Path, plan_path: Path | None
+    params: dict[str, Any],
+    features: Path,
+    rtn_dirs: Sequence[Path],
+    out: Path,
+    plots: Path,
+    plan_path: Path | None,
 ) -> list[str]:
-    """Reconstruct every target; write ``out/<target>.pt`` and ``plots/<target>.tsv``."""
+    """Reconstruct every target; write ``out/<target>.pt`` and ``plots/<target>.tsv``.
+
+    Args:
+        params: loaded params.
+        features: the FP feature store.
+        rtn_dirs: folders of starting models (``quantize``'s uniform ones, ``select``'s mixed one); a
+            target names a file in one of them.
+        out: folder of reconstructed models.
+        plots: folder of per-unit loss tables.
+        plan_path: optional unit plan (``plan`` stage), used with ``granularity: block``.
+    """
     base = section(params, "base", BaseConfig)
     config = section(params, "reconstruct", ReconstructConfig)
     device = resolve_device(base.device)
     store = FeatureStore.open(features)
     plan = read_plan(plan_path) if plan_path is not None else None
+    sources = {p.stem: p for folder in rtn_dirs for p in sorted(Path(folder).glob("*.pt"))}
     for target in config.targets:
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", target) or not (rtn_dir / f"{target}.pt").is_file():
-            available = sorted(p.stem for p in Path(rtn_dir).glob("*.pt"))
-            raise ConfigError(f"reconstruct.targets: {target!r} is not a quantize.bits entry; allowed: {available}")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", target) or target not in sources:
+            raise ConfigError(
+                f"reconstruct.targets: {target!r} is not a quantize.bits entry or selected model; "
+                f"allowed: {sorted(sources)}"
+            )
     resume_root = out.parent / f"{out.name}.resume"
     with atomic_dir(out) as tmp_out, atomic_dir(plots) as tmp_plots:
         for target in config.targets:
-            rtn = rtn_dir / f"{target}.pt"
+            rtn = sources[target]
             model, model_name, qconfig = load_quant_file(rtn, build_model)
             if model.names != store.units:
                 raise ModelError(f"{rtn} has units {model.names[:3]}..., the feature store {store.units[:3]}...")
             groups = unit_groups(model.names, config.granularity, plan)
             resume_dir = resume_root / _resume_key(config, target, rtn, store, groups)
             torch.manual_seed(config.seed)
-            rows = _reconstruct_one(model, store, groups, config.recon(), device, resume_dir, qconfig.convention)
+            rows = _reconstruct_one(
+                model,
+                store,
+                groups,
+                config.recon(),
+                device,
+                resume_dir,
+                qconfig.convention,
+                config.granularity == "layer",
+            )
             atomic_save_torch(quant_payload(model.cpu(), model_name, qconfig), tmp_out / f"{target}.pt")
             header = "step\tphase\tunit\tloss_before\tloss_after\n"
             lines = "".join(

@@ -5,11 +5,15 @@ from pathlib import Path
 import pytest
 
 from ptqflow.errors import ConfigError
+from ptqflow.sensitivity import SensitivityConfig
 from stages.features import FeaturesConfig
 from stages.params import BaseConfig, load_params, section
+from stages.plan import PlanConfig
 from stages.prepare import PrepareConfig
 from stages.quantize import QuantizeConfig
 from stages.reconstruct import ReconstructConfig
+from stages.search import SearchStageConfig
+from stages.select import Budget, SelectConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -18,8 +22,12 @@ def test_root_params_parse() -> None:
     params = load_params(ROOT / "params.yaml")
     assert section(params, "base", BaseConfig).model == "resnet20"
     assert section(params, "prepare", PrepareConfig).calib_size == 1024
-    assert set(section(params, "quantize", QuantizeConfig).bits) == {"w8a8", "w4a4", "w2a4"}
+    assert set(section(params, "quantize", QuantizeConfig).bits) == {"w8a8", "w4a4", "w3a4", "w2a4"}
     assert section(params, "reconstruct", ReconstructConfig).recon().method == "qdrop"
+    assert section(params, "sensitivity", SensitivityConfig).candidate_bits == (2, 4, 8)
+    assert section(params, "search", SearchStageConfig).library().costs == ("size", "bitops")
+    assert section(params, "select", SelectConfig).budget == Budget("avg_bits", 3.0)
+    assert section(params, "plan", PlanConfig).form == "data_dependent"
 
 
 @pytest.mark.parametrize(
@@ -64,7 +72,7 @@ def test_root_params_parse() -> None:
         ("reconstruct", ReconstructConfig, {"method": "adaquant"}, r"reconstruct.method must be one of 'brecq'"),
         ("reconstruct", ReconstructConfig, {"drop_prob": 0.5}, r"unknown key reconstruct.drop_prob"),
         ("reconstruct", ReconstructConfig, {"targets": []}, r"reconstruct.targets must name at least one"),
-        ("reconstruct", ReconstructConfig, {"granularity": "layer"}, r"reconstruct.granularity must be one of"),
+        ("reconstruct", ReconstructConfig, {"granularity": "unit"}, r"reconstruct.granularity must be one of"),
     ],
 )
 def test_bad_values_name_the_dotted_key(name: str, cls: type, data: object, message: str) -> None:

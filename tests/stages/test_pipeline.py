@@ -47,6 +47,8 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["prepare"].update(data_root=str(data_root), calib_size=32)
     params["features"].update(batch_size=16, chunk_size=8, shard_size=16)
     params["quantize"].update(calib_size=16, batch_size=16)
+    params["sensitivity"].update(samples=16, batch_size=8)
+    params["search"].update(pop_size=8, generations=3)
     params["reconstruct"].update(iters=4, act_iters=2, batch_size=8)
     params["evaluate"].update(batch_size=10)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -57,10 +59,21 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_reruns_only_what_changed(repo: Path) -> None:
     log = _run(["dvc", "repro"], repo)
-    assert _ran(log) == ["evaluate", "features", "prepare", "quantize", "reconstruct"]
+    assert _ran(log) == [
+        "evaluate",
+        "features",
+        "plan",
+        "prepare",
+        "quantize",
+        "reconstruct",
+        "search",
+        "select",
+        "sensitivity",
+    ]
     metrics = json.loads((repo / "metrics/evaluate.json").read_text())
-    assert metrics["samples"] == 30 and set(metrics["rtn"]) == {"w2a4", "w4a4", "w8a8"}
-    assert set(metrics["recon"]) == {"w2a4"}
+    assert metrics["samples"] == 30 and set(metrics["rtn"]) == {"w2a4", "w3a4", "w4a4", "w8a8", "mp"}
+    assert set(metrics["recon"]) == {"w2a4", "mp"}
+    assert metrics["rtn"]["mp"]["avg_weight_bits"] <= 3.0 < metrics["rtn"]["w4a4"]["avg_weight_bits"]
     assert (repo / "plots/reconstruct/w2a4.tsv").read_text().startswith("step\tphase\tunit")
     assert not (repo / "data/reconstruct.resume").exists()
     assert 0 <= metrics["fp"]["top1"] <= 100 and metrics["rtn"]["w4a4"]["size_mb"] < metrics["fp"]["size_mb"]
@@ -78,12 +91,65 @@ def test_repro_reruns_only_what_changed(repo: Path) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate", "reconstruct"]  # not features
 
+    params["select"]["budget"]["value"] = 2.5  # a new budget: search and sensitivity are not rerun
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate", "reconstruct", "select"]
+
+    params["plan"]["k"] = 1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate", "plan", "reconstruct"]
+
     params["quantize"]["bits"]["w4a4"]["act_bits"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate", "quantize", "reconstruct"]
+    assert _ran(_run(["dvc", "repro"], repo)) == [
+        "evaluate",
+        "plan",
+        "quantize",
+        "reconstruct",
+        "search",
+        "select",
+        "sensitivity",
+    ]
 
 
 def test_cold_reruns_are_byte_identical(repo: Path) -> None:
     first = (repo / "dvc.lock").read_text()
     _run(["dvc", "repro", "--force"], repo)
     assert (repo / "dvc.lock").read_text() == first
+
+
+def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(["ptqflow", *args], cwd=cwd, env=env, capture_output=True, text=True, check=False)
+
+
+@pytest.mark.parametrize(
+    ("section", "change", "args", "message"),
+    [
+        (
+            "select",
+            {"budget": {"kind": "avg_bits", "value": 1.0}},
+            ["select", "--out", "bad"],
+            "select.budget avg_bits = 1 is infeasible; the smallest feasible avg_bits is 2",
+        ),
+        ("select", {"base": "w5a5"}, ["select", "--out", "bad"], "select.base: 'w5a5' is not a quantize.bits entry"),
+        ("select", {"budget": {"kind": "latency"}}, ["select", "--out", "bad"], "select.budget.kind must be one of"),
+        ("plan", {"reference": "w9a9"}, ["plan", "--out", "bad"], "plan.reference: 'w9a9' is not a quantize.bits"),
+        ("plan", {"ratio": 1.5}, ["plan", "--out", "bad"], "plan.ratio must be in [0, 1] or null, got 1.5"),
+        (
+            "search",
+            {"costs": ["latency"]},
+            ["search", "--out", "bad"],
+            "search.costs[0] must be one of 'size', 'bitops'",
+        ),
+        ("sensitivity", {"candidate_bits": [2, 9]}, ["sensitivity", "--out", "bad"], "2..8, got 9"),
+    ],
+)
+def test_mixed_precision_bad_input(repo: Path, section: str, change: dict, args: list[str], message: str) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params[section].update(change)
+    (repo / "bad.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = _cli(["--params", "bad.yaml", *args], repo)
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (repo / "bad").exists()

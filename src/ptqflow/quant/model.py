@@ -29,6 +29,7 @@ __all__ = [
     "load_quant_file",
     "load_quant_model",
     "quant_payload",
+    "set_weight_bits",
 ]
 
 FORMAT = {"format": "ptqflow-quantized-model", "version": 1}
@@ -193,6 +194,30 @@ def calibrate_activations(
         for q in quantizers:
             q.init_range(p)
     model.set_quant_state(weight=True, act=True)
+
+
+def set_weight_bits(model: QuantModel, bits: dict[str, int], p: float) -> None:
+    """Give the named layers new weight bit-widths (mixed precision), searching their ranges again.
+
+    Args:
+        model: a quantized model whose weights are still the FP weights (RTN, not reconstructed).
+        bits: layer name (as :meth:`QuantModel.quant_layers` names it) -> bits; every layer must be listed.
+        p: exponent of the Lp range search.
+
+    Raises:
+        ModelError: the table does not list exactly the model's layers.
+    """
+    layers = dict(model.quant_layers())
+    if set(bits) != set(layers):
+        missing, extra = sorted(set(layers) - set(bits)), sorted(set(bits) - set(layers))
+        raise ModelError(f"bit table does not fit the model: missing {missing[:3]}, unknown {extra[:3]}")
+    for name, layer in layers.items():
+        b = check_bits(int(bits[name]), name)
+        if b != layer.weight_quantizer.bits:
+            weight = layer.layer.weight
+            quantizer = WeightQuantizer(b, weight.shape[0]).to(weight.device)
+            quantizer.init_range(weight, p)
+            layer.weight_quantizer = quantizer
 
 
 def quant_payload(model: QuantModel, model_name: str, config: QuantConfig) -> dict[str, Any]:

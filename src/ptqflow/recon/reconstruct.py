@@ -14,6 +14,14 @@ store, optimises, hard-rounds and moves on.
 
 The reconstruction loss is ``mean_{n,h,w} sum_c |y^ - y|^p`` (``mse``, p = 2) or, for ``fisher``,
 BRECQ eq. 10 with the cached gradient: ``mean sum_c (y^ - y)^2 (|g| + 1)^2``.
+
+``layerwise=True`` is BRECQ's layer granularity (its table 1 baseline, AdaRound layer by layer): inside
+each unit every conv/linear is reconstructed on its own, in order, against its FP output (before the
+activation) computed from the unit's cached FP input; its input is the quantized-prefix input pushed
+through the unit's already reconstructed layers (QDrop mixes it with the FP input element-wise). The
+loss is always ``mse`` there: the cached Fisher weights belong to unit outputs, not layer outputs.
+Activation step sizes are learned per unit by BRECQ's activation phase; with ``qdrop`` they keep their
+initial (RTN) values, since no activation quantizer lies inside a single layer.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from ptqflow.features import FeatureStore
 from ptqflow.quant.adaround import beta_schedule
 from ptqflow.quant.model import QuantModel
 from ptqflow.quant.quantizer import ActQuantizer
-from ptqflow.quant.units import QuantLayer
+from ptqflow.quant.units import QuantLayer, QuantUnit
 
 __all__ = ["ReconConfig", "Step", "plan_steps", "reconstruct", "reconstruction_loss"]
 
@@ -103,15 +111,19 @@ class ReconConfig:
 class Step:
     """One optimisation step of the loop: a phase on a group of consecutive unit indices."""
 
-    phase: Literal["weights", "acts", "joint"]
+    phase: Literal["weights", "acts", "joint", "layers"]
     group: tuple[int, ...]
 
 
-def plan_steps(method: str, groups: Sequence[Sequence[int]]) -> list[Step]:
-    """The ordered steps of ``method`` over ``groups`` (BRECQ: all weights, then all activations)."""
+def plan_steps(method: str, groups: Sequence[Sequence[int]], layerwise: bool = False) -> list[Step]:
+    """The ordered steps of ``method`` over ``groups`` (BRECQ: all weights, then all activations).
+
+    With ``layerwise`` the weight step of a group reconstructs its layers one at a time (``layers``).
+    """
     if method == "brecq":
-        return [Step("weights", tuple(g)) for g in groups] + [Step("acts", tuple(g)) for g in groups]
-    return [Step("joint", tuple(g)) for g in groups]
+        weights: Literal["weights", "layers"] = "layers" if layerwise else "weights"
+        return [Step(weights, tuple(g)) for g in groups] + [Step("acts", tuple(g)) for g in groups]
+    return [Step("layers" if layerwise else "joint", tuple(g)) for g in groups]
 
 
 def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, grad: torch.Tensor | None, p: float) -> torch.Tensor:
@@ -166,6 +178,7 @@ def reconstruct(
     *,
     start: int = 0,
     skip: frozenset[int] = frozenset(),
+    layerwise: bool = False,
     on_step_done: Callable[[int, Step, dict[str, float]], None] | None = None,
     progress: ProgressFactory | None = None,
 ) -> list[dict[str, float]]:
@@ -180,6 +193,7 @@ def reconstruct(
         start: the first step to run; earlier steps are taken as done (resume: their units must
             already hold their reconstructed state).
         skip: units never reconstructed (BRECQ's stem): a group made only of them keeps RTN.
+        layerwise: reconstruct layer by layer inside each group (BRECQ's layer granularity).
         on_step_done: called after each step with its index, the step and its stats (write resume
             state there).
         progress: ``progress(total, label)`` returns ``update(iteration, loss)`` for a progress bar.
@@ -191,7 +205,7 @@ def reconstruct(
     flat = [i for g in groups for i in g]
     if flat != list(range(len(model.units))):
         raise ConfigError(f"reconstruction groups must cover units 0..{len(model.units) - 1} in order, got {groups}")
-    steps = plan_steps(config.method, groups)
+    steps = plan_steps(config.method, groups, layerwise)
     n = store.num_samples
     eval_batch = max(config.batch_size, 64)
     # channels_last: about 2x faster convolutions on the CPU for these nets (measured in training).
@@ -201,7 +215,7 @@ def reconstruct(
     for index, step in enumerate(steps):
         first, last = step.group[0], step.group[-1]
         group = _Group([model.units[i] for i in step.group])
-        acts_during = step.phase != "weights"
+        acts_during = step.phase != "weights" and not (step.phase == "layers" and config.method == "brecq")
         if index < start or set(step.group) <= skip:
             if step.phase != "acts":
                 model.set_quant_state(weight=True, act=acts_during)
@@ -216,10 +230,15 @@ def reconstruct(
         model.set_quant_state(weight=True, act=True)
         before = _eval_loss(group, x_in, y_fp, eval_batch)
         label = f"{step.phase} {'+'.join(store.units[i] for i in step.group)}"
-        update = progress(config.act_iters if step.phase == "acts" else config.iters, label) if progress else None
+        total = config.act_iters if step.phase == "acts" else config.iters
+        if step.phase == "layers":
+            total *= sum(1 for m in group.modules() if isinstance(m, QuantLayer))
+        update = progress(total, label) if progress else None
         model.set_quant_state(weight=True, act=acts_during)
         if step.phase == "acts":
             _optimise_acts(group, x_fp, y_fp, grad, config, update)
+        elif step.phase == "layers":
+            _optimise_layers(group, x_q, x_fp, config, acts_during, update)
         else:
             _optimise_weights(group, x_q, x_fp, y_fp, grad, config, joint=step.phase == "joint", update=update)
         model.set_quant_state(weight=True, act=True)
@@ -305,6 +324,57 @@ def _optimise_weights(
             q.lsq_grad_scale = False
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
+
+
+@torch.no_grad()
+def _capture(group: _Group, layer: QuantLayer, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``layer``'s input and output while ``group`` runs on ``x`` (in its current quantization state)."""
+    inputs: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+
+    def hook(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        inputs.append(args[0].detach())
+        outputs.append(out.detach())
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            group(x[i : i + batch_size])
+    finally:
+        handle.remove()
+    return torch.cat(inputs), torch.cat(outputs)
+
+
+def _set_group_state(group: _Group, weight: bool, act: bool) -> None:
+    for unit in group.units:
+        if isinstance(unit, QuantUnit):
+            unit.set_quant_state(weight, act)
+
+
+def _optimise_layers(
+    group: _Group,
+    x_q: torch.Tensor,
+    x_fp: torch.Tensor,
+    config: ReconConfig,
+    acts: bool,
+    update: Callable[[int, float], None] | None,
+) -> None:
+    """AdaRound every layer of ``group`` on its own, in order (BRECQ's layer granularity)."""
+    layers = [m for m in group.modules() if isinstance(m, QuantLayer)]
+    batch = max(config.batch_size, 64)
+    for index, layer in enumerate(layers):
+        _set_group_state(group, weight=False, act=False)
+        x_fp_layer, y_fp_layer = _capture(group, layer, x_fp, batch)  # FP input and target of this layer
+        _set_group_state(group, weight=True, act=acts)
+        x_q_layer, _ = _capture(group, layer, x_q, batch)  # earlier layers already hard-rounded
+        offset = index * config.iters
+
+        def shifted(t: int, loss: float, offset: int = offset) -> None:
+            if update is not None:
+                update(offset + t, loss)
+
+        single = _Group([layer])
+        _optimise_weights(single, x_q_layer, x_fp_layer, y_fp_layer, None, config, joint=acts, update=shifted)
 
 
 def _optimise_acts(

@@ -163,3 +163,39 @@ def test_skipped_stem_keeps_round_to_nearest(tmp_path: Path) -> None:
     assert len(stats) == 3
     for key, value in model.units[0].state_dict().items():
         assert torch.equal(value, stem_before[key]), key
+
+
+@pytest.mark.parametrize("method", ["brecq", "qdrop"])
+def test_layerwise_reconstructs_each_layer_against_its_fp_output(tmp_path: Path, method: str) -> None:
+    model, store = _setup(tmp_path)
+    steps = plan_steps(method, [[0], [1]], layerwise=True)
+    assert steps[0].phase == "layers" and (method == "qdrop") == (len(steps) == 2)
+    unit = model.units[2]  # layer1.1: conv1, conv2 and the projection shortcut
+    layers = [layer for _, layer in unit.quant_layers()]
+    x_fp = store.unit("layer1.1").inputs(slice(0, 64))
+
+    def layer_mse() -> list[float]:
+        """Each layer on its FP input vs its FP output (the quantity layer-wise AdaRound minimises)."""
+        errors = []
+        for layer in layers:
+            seen: list[torch.Tensor] = []
+            handle = layer.register_forward_hook(lambda m, a, o, seen=seen: seen.append(a[0]))
+            unit.set_quant_state(weight=False, act=False)
+            with torch.no_grad():
+                unit(x_fp)
+                y_fp = layer(seen[0])
+                unit.set_quant_state(weight=True, act=False)
+                errors.append(float(((layer(seen[0]) - y_fp) ** 2).sum(1).mean()))
+            handle.remove()
+        unit.set_quant_state(weight=True, act=True)
+        return errors
+
+    before = layer_mse()
+    config = ReconConfig(method=method, iters=200, act_iters=20, batch_size=16, reg_weight=0.01, seed=1)
+    stats = reconstruct(model, store, [[0], [1], [2], [3]], config, CPU, layerwise=True)
+    assert len(stats) == (8 if method == "brecq" else 4)
+    after = layer_mse()
+    assert sum(after) < sum(before), (before, after)
+    for layer in layers:  # hard-rounded onto the grid
+        w = layer.layer.weight / layer.weight_quantizer.scale.view(-1, 1, 1, 1)
+        torch.testing.assert_close(w, w.round(), atol=1e-4, rtol=0)
