@@ -158,15 +158,26 @@ def quantize(ctx: _Context, features_path: Path, out: Path) -> None:
     default=Path("plots/reconstruct"),
     help="Folder for per-unit loss tables (<target>.tsv, DVC plots data).",
 )
+@_path_option(
+    "--timing",
+    default=None,
+    help="Folder for per-unit wall seconds (<target>.tsv); an untracked log, not a DVC output.",
+)
 @pass_ctx
 @_stage
 def reconstruct(
-    ctx: _Context, features_path: Path, rtn_dirs: tuple[Path, ...], plan_path: Path | None, out: Path, plots: Path
+    ctx: _Context,
+    features_path: Path,
+    rtn_dirs: tuple[Path, ...],
+    plan_path: Path | None,
+    out: Path,
+    plots: Path,
+    timing: Path | None,
 ) -> None:
     """BRECQ / QDrop block reconstruction of RTN models (params: base.device, reconstruct.*)."""
     from stages import reconstruct as stage
 
-    names = stage.run(ctx.params(), features_path, rtn_dirs, out, plots, plan_path)
+    names = stage.run(ctx.params(), features_path, rtn_dirs, out, plots, plan_path, timing)
     log.info("wrote %s", ", ".join(f"{out}/{n}.pt" for n in names))
 
 

@@ -132,6 +132,7 @@ def _reconstruct_one(
                 "unit": "+".join(store.units[i] for i in step.group),
                 "loss_before": round(row["loss_before"], 8),
                 "loss_after": round(row["loss_after"], 8),
+                "seconds": round(row["seconds"], 3),
             }
         )
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -161,6 +162,7 @@ def run(
     out: Path,
     plots: Path,
     plan_path: Path | None,
+    timing: Path | None = None,
 ) -> list[str]:
     """Reconstruct every target; write ``out/<target>.pt`` and ``plots/<target>.tsv``.
 
@@ -172,6 +174,8 @@ def run(
         out: folder of reconstructed models.
         plots: folder of per-unit loss tables.
         plan_path: optional unit plan (``plan`` stage), used with ``granularity: block``.
+        timing: optional folder for per-step wall seconds (``<target>.tsv``); deliberately not a DVC
+            output, since seconds differ between identical runs and would break byte-identical outputs.
     """
     base = section(params, "base", BaseConfig)
     config = section(params, "reconstruct", ReconstructConfig)
@@ -211,5 +215,8 @@ def run(
                 f"{r['step']}\t{r['phase']}\t{r['unit']}\t{r['loss_before']}\t{r['loss_after']}\n" for r in rows
             )
             atomic_write_text(tmp_plots / f"{target}.tsv", header + lines)
+            if timing is not None:  # wall seconds vary run to run: an untracked log, never a DVC output
+                seconds = "".join(f"{r['step']}\t{r['phase']}\t{r['unit']}\t{r.get('seconds', '')}\n" for r in rows)
+                atomic_write_text(timing / f"{target}.tsv", "step\tphase\tunit\tseconds\n" + seconds)
     shutil.rmtree(resume_root, ignore_errors=True)
     return list(config.targets)
