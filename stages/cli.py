@@ -259,6 +259,26 @@ def publish_weights(model_name: str, train_dir: Path, dest: Path) -> None:
     click.echo(json.dumps(entry, indent=2))
 
 
+@cli.command()
+@click.option("-r", "--remote", default=None, help="DVC remote to push to (default: core.remote, e.g. 'shared').")
+@click.option("-j", "--jobs", type=int, default=None, help="Parallel transfers (default: DVC's).")
+@_stage
+def share(remote: str | None, jobs: int | None) -> None:
+    """Push results for teammates: `dvc push --run-cache` plus every object the run entries need.
+
+    Not a DVC stage. Teammates then run `dvc pull --run-cache` and `dvc repro --pull` (README, "Sharing
+    results"), and any parameter set computed here restores there without rerunning.
+    """
+    from stages import share as helper
+
+    result = helper.push(Path.cwd(), remote, jobs)
+    click.echo(
+        f"{result.run_entries} run entries; pushed {result.workspace_objects} files with dvc push --run-cache "
+        f"and {result.entry_objects} more objects that run entries reference"
+        + (f"; {result.missing} referenced objects are in no cache (dvc gc?)" if result.missing else "")
+    )
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="ptqflow")
