@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+from ptqflow.atomic import atomic_write_json
 from ptqflow.errors import PtqflowError
 from stages.common import configure_logging
 from stages.params import load_params
@@ -155,15 +157,29 @@ def quantize(ctx: _Context, features_path: Path, out: Path) -> None:
     default=Path("plots/reconstruct"),
     help="Folder for per-unit loss tables (<target>.tsv, DVC plots data).",
 )
+@_path_option(
+    "--timing",
+    default=None,
+    help='Optional JSON for the stage\'s wall seconds ({"reconstruct": {"seconds": s}}); not deterministic.',
+)
 @pass_ctx
 @_stage
 def reconstruct(
-    ctx: _Context, features_path: Path, rtn_dir: Path, plan_path: Path | None, out: Path, plots: Path
+    ctx: _Context,
+    features_path: Path,
+    rtn_dir: Path,
+    plan_path: Path | None,
+    out: Path,
+    plots: Path,
+    timing: Path | None,
 ) -> None:
     """BRECQ / QDrop block reconstruction of RTN models (params: base.device, reconstruct.*)."""
     from stages import reconstruct as stage
 
+    began = time.perf_counter()
     names = stage.run(ctx.params(), features_path, rtn_dir, out, plots, plan_path)
+    if timing is not None:
+        atomic_write_json(timing, {"reconstruct": {"seconds": round(time.perf_counter() - began, 2)}})
     log.info("wrote %s", ", ".join(f"{out}/{n}.pt" for n in names))
 
 
@@ -175,14 +191,14 @@ def reconstruct(
     multiple=True,
     default=("rtn=data/quantize",),
     show_default=True,
-    help="METHOD=FOLDER of quantized models to evaluate (repeatable).",
+    help="METHOD=FOLDER of quantized models to run (repeatable).",
 )
-@_path_option("--out", default=Path("metrics/evaluate.json"), help="Metrics JSON to write.")
+@_path_option("--out", default=Path("data/predict"), help="Folder for logits.pt and models.json.")
 @pass_ctx
 @_stage
-def evaluate(ctx: _Context, test: Path, model_dirs: tuple[str, ...], out: Path) -> None:
-    """Top-1/top-5 and size of the FP and quantized models (params: base.*, evaluate.*)."""
-    from stages import evaluate as stage
+def predict(ctx: _Context, test: Path, model_dirs: tuple[str, ...], out: Path) -> None:
+    """Test-set logits, size and bits of the FP and quantized models (params: base.*, predict.*)."""
+    from stages import predict as stage
 
     folders: dict[str, Path] = {}
     for item in model_dirs:
@@ -190,27 +206,37 @@ def evaluate(ctx: _Context, test: Path, model_dirs: tuple[str, ...], out: Path) 
         if not sep or not method or not folder:
             raise BadInput(f"--models takes METHOD=FOLDER (e.g. rtn=data/quantize), got {item!r}")
         folders[method] = Path(folder)
-    metrics = stage.run(ctx.params(), test, folders, out)
+    keys = stage.run(ctx.params(), test, folders, out)
+    log.info("wrote %s/logits.pt for %s", out, ", ".join(keys))
+
+
+@cli.command()
+@_path_option("--predictions", default=Path("data/predict"), help="Folder written by predict.")
+@_path_option("--out", default=Path("metrics/evaluate.json"), help="Metrics JSON to write.")
+@_path_option(
+    "--plots", default=Path("plots/evaluate"), help="Folder for models.tsv (accuracy vs size, DVC plots data)."
+)
+@pass_ctx
+@_stage
+def evaluate(ctx: _Context, predictions: Path, out: Path, plots: Path) -> None:
+    """Top-k accuracy and size of every predicted model; metrics and plot data (params: evaluate.*)."""
+    from stages import evaluate as stage
+
+    metrics = stage.run(ctx.params(), predictions, out, plots)
     click.echo(_table(metrics))
 
 
 def _table(metrics: dict[str, Any]) -> str:
-    rows = [("model", "W/A", "top-1", "top-5", "size MB")]
     fp = metrics["fp"]
-    rows.append(("FP", "32/32", f"{fp['top1']:.2f}", f"{fp['top5']:.2f}", f"{fp['size_mb']:.3f}"))
+    topk = sorted((k for k in fp if k.startswith("top")), key=lambda k: int(k[3:]))
+    rows = [("model", "W/A", *(f"top-{k[3:]}" for k in topk), "size MB")]
+    rows.append(("FP", "32/32", *(f"{fp[k]:.2f}" for k in topk), f"{fp['size_mb']:.3f}"))
     for method, results in metrics.items():
         if method in ("fp", "samples"):
             continue
         for name, r in results.items():
-            rows.append(
-                (
-                    f"{method.upper()} {name}",
-                    f"{r['weight_bits']}/{r['act_bits']}",
-                    f"{r['top1']:.2f}",
-                    f"{r['top5']:.2f}",
-                    f"{r['size_mb']:.3f}",
-                )
-            )
+            bits = f"{r['weight_bits']}/{r['act_bits']}"
+            rows.append((f"{method.upper()} {name}", bits, *(f"{r[k]:.2f}" for k in topk), f"{r['size_mb']:.3f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 

@@ -48,7 +48,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["features"].update(batch_size=16, chunk_size=8, shard_size=16)
     params["quantize"].update(calib_size=16, batch_size=16)
     params["reconstruct"].update(iters=4, act_iters=2, batch_size=8)
-    params["evaluate"].update(batch_size=10)
+    params["predict"].update(batch_size=10)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run(["git", "init", "-q"], repo)
     _run(["dvc", "init", "-q"], repo)
@@ -57,7 +57,7 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_repro_reruns_only_what_changed(repo: Path) -> None:
     log = _run(["dvc", "repro"], repo)
-    assert _ran(log) == ["evaluate", "features", "prepare", "quantize", "reconstruct"]
+    assert _ran(log) == ["evaluate", "features", "predict", "prepare", "quantize", "reconstruct"]
     metrics = json.loads((repo / "metrics/evaluate.json").read_text())
     assert metrics["samples"] == 30 and set(metrics["rtn"]) == {"w2a4", "w4a4", "w8a8"}
     assert set(metrics["recon"]) == {"w2a4"}
@@ -70,17 +70,22 @@ def test_repro_reruns_only_what_changed(repo: Path) -> None:
     assert _ran(_run(["dvc", "repro"], repo)) == []  # no-op
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["evaluate"]["batch_size"] = 7
+    params["evaluate"]["topk"] = [1, 3]  # a reporting key: only the cheap half reruns
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate"]
+    assert set(json.loads((repo / "metrics/evaluate.json").read_text())["fp"]) == {"top1", "top3", "size_mb"}
+
+    params["predict"]["batch_size"] = 7  # evaluate reruns only if the logits' bytes changed
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _ran(_run(["dvc", "repro"], repo)) in (["predict"], ["evaluate", "predict"])
 
     params["reconstruct"]["iters"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate", "reconstruct"]  # not features
+    assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate", "predict", "reconstruct"]  # not features
 
     params["quantize"]["bits"]["w4a4"]["act_bits"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate", "quantize", "reconstruct"]
+    assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate", "predict", "quantize", "reconstruct"]
 
 
 def test_cold_reruns_are_byte_identical(repo: Path) -> None:

@@ -4,28 +4,31 @@ One tiny pipeline run in clone A serves three teammates:
 - B follows the plain recipe on the committed state: ``dvc pull --run-cache`` + ``dvc repro --pull``;
 - C asks for a parameter set A computed but never committed: the run-cache restores it (A pushed with
   ``ptqflow share``, which also uploads the objects that plain ``dvc push --run-cache`` leaves behind);
-- D shares A's cache directory (``cache.shared group``, ``cache.type symlink``): no push, no pull.
+- D shares A's cache directory (``cache.shared group``, ``cache.type symlink``): no push, no pull;
+- E is a second cold run in a separate repo: byte-identical outputs (determinism, same dvc.lock hashes).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import write_fake_fashion_mnist
 from tiny_repo import ROOT, make_tiny_repo, ran_stages, run, tiny_params, write_params
 
-STAGES = ["evaluate", "features", "prepare", "quantize", "reconstruct"]
+STAGES = ["evaluate", "features", "predict", "prepare", "quantize", "reconstruct"]
 
 
 def _variant(data_root: Path) -> dict:
     """A second parameter set: changes reconstruct and evaluate only."""
     params = tiny_params(data_root)
     params["reconstruct"]["iters"] = 3
-    params["evaluate"]["batch_size"] = 7
+    params["evaluate"]["topk"] = [1, 3]
     return params
 
 
@@ -40,7 +43,14 @@ class Team:
     variant: dict[str, bytes]  # A's outputs for _variant(), never committed
 
 
-OUTPUTS = ("metrics/evaluate.json", "data/reconstruct/w2a4.pt", "plots/reconstruct/w2a4.tsv", "data/quantize/w2a4.pt")
+OUTPUTS = (
+    "metrics/evaluate.json",
+    "plots/evaluate/models.tsv",
+    "data/predict/logits.pt",
+    "data/reconstruct/w2a4.pt",
+    "plots/reconstruct/w2a4.tsv",
+    "data/quantize/w2a4.pt",
+)
 
 
 def _outputs(repo: Path) -> dict[str, bytes]:
@@ -65,7 +75,7 @@ def team(tmp_path_factory: pytest.TempPathFactory) -> Team:
     committed = _outputs(a)
 
     write_params(a, _variant(data_root))
-    assert ran_stages(run(["dvc", "repro"], a)) == ["evaluate", "reconstruct"]
+    assert ran_stages(run(["dvc", "repro"], a)) == ["evaluate", "predict", "reconstruct"]
     variant = _outputs(a)
     out = run(["ptqflow", "share"], a)
     assert "more objects that run entries reference" in out
@@ -99,7 +109,7 @@ def test_teammate_gets_uncommitted_parameter_set_from_run_cache(team: Team) -> N
     log = run(["dvc", "repro", "--pull"], c)
     print(log)
     assert ran_stages(log) == []
-    for stage in ("reconstruct", "evaluate"):
+    for stage in ("reconstruct", "predict", "evaluate"):
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in log
     assert "do not exist" not in log  # every object the run entries need is on the remote
     assert _outputs(c) == team.variant
@@ -135,3 +145,32 @@ def test_shipped_remote_is_one_command_away(tmp_path: Path) -> None:
     listed = run(["dvc", "remote", "list"], repo).split()
     assert listed[:2] == ["shared", str(tmp_path / "nfs")]
     assert run(["dvc", "config", "core.remote"], repo).strip() == "shared"
+
+
+def _lock_without_timing(repo: Path) -> dict:
+    """dvc.lock with the one nondeterministic output (wall seconds, metrics/timing.json) left out."""
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    for stage in lock["stages"].values():
+        stage["outs"] = [o for o in stage.get("outs", []) if o["path"] != "metrics/timing.json"]
+    return lock
+
+
+def test_two_cold_runs_in_separate_repos_are_byte_identical(team: Team) -> None:
+    """A second repo, its own empty cache, same params: every stage's outputs hash the same as A's.
+
+    zarr stores included (their attrs hold no paths or timestamps); only metrics/timing.json differs.
+    """
+    e = make_tiny_repo(team.root / "e", team.data_root)
+    assert ran_stages(run(["dvc", "repro"], e)) == STAGES
+    committed = yaml.safe_load(run(["git", "show", "HEAD:dvc.lock"], team.a))
+    for stage in committed["stages"].values():
+        stage["outs"] = [o for o in stage.get("outs", []) if o["path"] != "metrics/timing.json"]
+    assert _lock_without_timing(e) == committed
+    timing = json.loads((e / "metrics/timing.json").read_text())
+    assert timing["reconstruct"]["seconds"] > 0
+    for path in (e / "data").rglob("*"):
+        if path.is_file():
+            assert str(e).encode() not in path.read_bytes(), f"{path} holds the repo path"
+    for meta in (e / "data/features/store.zarr").rglob("zarr.json"):
+        text = meta.read_text()
+        assert str(team.root) not in text and "time" not in text.lower(), meta

@@ -57,7 +57,7 @@ def tiny_params(data_root: Path) -> dict[str, Any]:
     params["features"].update(batch_size=16, chunk_size=8, shard_size=16)
     params["quantize"].update(calib_size=16, batch_size=16)
     params["reconstruct"].update(iters=4, act_iters=2, batch_size=8)
-    params["evaluate"].update(batch_size=10)
+    params["predict"].update(batch_size=10)
     return params
 
 
