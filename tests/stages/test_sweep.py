@@ -47,7 +47,7 @@ def test_queued_sweep_shares_upstream_and_reports_top1_size_seconds(tmp_path: Pa
         time.sleep(5)
     assert status.count("Success") == 4, status
 
-    names = [line.split()[0] for line in status.splitlines() if "Success" in line]
+    names = [line.split()[1] for line in status.splitlines() if "Success" in line]  # Task, Name, Created, Status
     for name in names:
         logs = run(["dvc", "queue", "logs", name], repo)
         ran = {line.split("'")[1] for line in logs.splitlines() if line.startswith("Running stage")}
