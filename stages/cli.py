@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
+from ptqflow.atomic import atomic_write_json
 from ptqflow.errors import PtqflowError
 from stages.common import configure_logging
 from stages.params import load_params
@@ -161,7 +163,12 @@ def quantize(ctx: _Context, features_path: Path, out: Path) -> None:
 @_path_option(
     "--timing",
     default=None,
-    help="Folder for per-unit wall seconds (<target>.tsv); an untracked log, not a DVC output.",
+    help='Optional JSON for the stage\'s wall seconds ({"reconstruct": {"seconds": s}}); not deterministic.',
+)
+@_path_option(
+    "--unit-seconds",
+    default=None,
+    help="Optional folder for per-unit wall seconds (<target>.tsv, DVC plots data); not deterministic.",
 )
 @pass_ctx
 @_stage
@@ -173,11 +180,15 @@ def reconstruct(
     out: Path,
     plots: Path,
     timing: Path | None,
+    unit_seconds: Path | None,
 ) -> None:
     """BRECQ / QDrop block reconstruction of RTN models (params: base.device, reconstruct.*)."""
     from stages import reconstruct as stage
 
-    names = stage.run(ctx.params(), features_path, rtn_dirs, out, plots, plan_path, timing)
+    began = time.perf_counter()
+    names = stage.run(ctx.params(), features_path, rtn_dirs, out, plots, plan_path, unit_seconds)
+    if timing is not None:
+        atomic_write_json(timing, {"reconstruct": {"seconds": round(time.perf_counter() - began, 2)}})
     log.info("wrote %s", ", ".join(f"{out}/{n}.pt" for n in names))
 
 
@@ -189,14 +200,14 @@ def reconstruct(
     multiple=True,
     default=("rtn=data/quantize",),
     show_default=True,
-    help="METHOD=FOLDER of quantized models to evaluate (repeatable; a method may name several folders).",
+    help="METHOD=FOLDER of quantized models to run (repeatable; a method may name several folders).",
 )
-@_path_option("--out", default=Path("metrics/evaluate.json"), help="Metrics JSON to write.")
+@_path_option("--out", default=Path("data/predict"), help="Folder for logits.pt and models.json.")
 @pass_ctx
 @_stage
-def evaluate(ctx: _Context, test: Path, model_dirs: tuple[str, ...], out: Path) -> None:
-    """Top-1/top-5 and size of the FP and quantized models (params: base.*, evaluate.*)."""
-    from stages import evaluate as stage
+def predict(ctx: _Context, test: Path, model_dirs: tuple[str, ...], out: Path) -> None:
+    """Test-set logits, size and bits of the FP and quantized models (params: base.*, predict.*)."""
+    from stages import predict as stage
 
     folders: dict[str, list[Path]] = {}
     for item in model_dirs:
@@ -204,28 +215,37 @@ def evaluate(ctx: _Context, test: Path, model_dirs: tuple[str, ...], out: Path) 
         if not sep or not method or not folder:
             raise BadInput(f"--models takes METHOD=FOLDER (e.g. rtn=data/quantize), got {item!r}")
         folders.setdefault(method, []).append(Path(folder))
-    metrics = stage.run(ctx.params(), test, folders, out)
+    keys = stage.run(ctx.params(), test, folders, out)
+    log.info("wrote %s/logits.pt for %s", out, ", ".join(keys))
+
+
+@cli.command()
+@_path_option("--predictions", default=Path("data/predict"), help="Folder written by predict.")
+@_path_option("--out", default=Path("metrics/evaluate.json"), help="Metrics JSON to write.")
+@_path_option(
+    "--plots", default=Path("plots/evaluate"), help="Folder for models.tsv (accuracy vs size, DVC plots data)."
+)
+@pass_ctx
+@_stage
+def evaluate(ctx: _Context, predictions: Path, out: Path, plots: Path) -> None:
+    """Top-k accuracy and size of every predicted model; metrics and plot data (params: evaluate.*)."""
+    from stages import evaluate as stage
+
+    metrics = stage.run(ctx.params(), predictions, out, plots)
     click.echo(_table(metrics))
 
 
 def _table(metrics: dict[str, Any]) -> str:
-    rows = [("model", "W/A", "avg W bits", "top-1", "top-5", "size MB")]
     fp = metrics["fp"]
-    rows.append(("FP", "32/32", "32", f"{fp['top1']:.2f}", f"{fp['top5']:.2f}", f"{fp['size_mb']:.3f}"))
+    topk = sorted((k for k in fp if k.startswith("top")), key=lambda k: int(k[3:]))
+    rows = [("model", "W/A", "avg W bits", *(f"top-{k[3:]}" for k in topk), "size MB")]
+    rows.append(("FP", "32/32", "32", *(f"{fp[k]:.2f}" for k in topk), f"{fp['size_mb']:.3f}"))
     for method, results in metrics.items():
         if method in ("fp", "samples"):
             continue
         for name, r in results.items():
-            rows.append(
-                (
-                    f"{method.upper()} {name}",
-                    f"{r['weight_bits']}/{r['act_bits']}",
-                    f"{r['avg_weight_bits']:.2f}",
-                    f"{r['top1']:.2f}",
-                    f"{r['top5']:.2f}",
-                    f"{r['size_mb']:.3f}",
-                )
-            )
+            bits, avg = f"{r['weight_bits']}/{r['act_bits']}", f"{r['avg_weight_bits']:.2f}"
+            rows.append((f"{method.upper()} {name}", bits, avg, *(f"{r[k]:.2f}" for k in topk), f"{r['size_mb']:.3f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
@@ -342,6 +362,26 @@ def publish_weights(model_name: str, train_dir: Path, dest: Path) -> None:
         asdict(section(params, "train", TrainConfig)),
     )
     click.echo(json.dumps(entry, indent=2))
+
+
+@cli.command()
+@click.option("-r", "--remote", default=None, help="DVC remote to push to (default: core.remote, e.g. 'shared').")
+@click.option("-j", "--jobs", type=int, default=None, help="Parallel transfers (default: DVC's).")
+@_stage
+def share(remote: str | None, jobs: int | None) -> None:
+    """Push results for teammates: `dvc push --run-cache` plus every object the run entries need.
+
+    Not a DVC stage. Teammates then run `dvc pull --run-cache` and `dvc repro --pull` (README, "Sharing
+    results"), and any parameter set computed here restores there without rerunning.
+    """
+    from stages import share as helper
+
+    result = helper.push(Path.cwd(), remote, jobs)
+    click.echo(
+        f"{result.run_entries} run entries; pushed {result.workspace_objects} files with dvc push --run-cache "
+        f"and {result.entry_objects} more objects that run entries reference"
+        + (f"; {result.missing} referenced objects are in no cache (dvc gc?)" if result.missing else "")
+    )
 
 
 def main() -> None:

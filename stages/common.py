@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 from torch import nn
@@ -19,7 +19,17 @@ from ptqflow.models import build_model, load_weights
 if TYPE_CHECKING:
     from stages.params import BaseConfig
 
-__all__ = ["configure_logging", "load_fp_model", "load_split", "progress_bar", "resolve_device", "seed_everything"]
+__all__ = [
+    "configure_logging",
+    "load_fp_model",
+    "load_split",
+    "progress_bar",
+    "resolve_device",
+    "seed_everything",
+    "track",
+]
+
+T = TypeVar("T")
 
 log = logging.getLogger("ptqflow")
 
@@ -67,13 +77,18 @@ def configure_logging(verbosity: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
 
 
+def _bar_disabled() -> bool | None:
+    """tqdm's ``disable``: None (auto: a bar only on a terminal), or True under ``--quiet``."""
+    return None if log.isEnabledFor(logging.INFO) else True
+
+
 def progress_bar(total: int, label: str) -> Callable[[int, float], None]:
     """A tqdm bar on a terminal; plain log lines every 10 % otherwise (CI, DVC queue logs).
 
     Returns:
         ``update(iteration, loss)``; the bar closes at ``iteration == total``.
     """
-    bar = tqdm(total=total, desc=label, disable=None, leave=False, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=label, disable=_bar_disabled(), leave=False, file=sys.stderr, dynamic_ncols=True)
     every = max(1, total // 10)
 
     def update(iteration: int, loss: float) -> None:
@@ -88,3 +103,25 @@ def progress_bar(total: int, label: str) -> Callable[[int, float], None]:
             bar.close()
 
     return update
+
+
+def track(items: Iterable[T], total: int, label: str) -> Iterator[T]:
+    """Yield ``items``, showing progress: a tqdm bar on a terminal, plain log lines otherwise.
+
+    Off a terminal (CI, ``dvc queue logs``, a pipe) it logs ``label: i/total`` at INFO about every 10 %
+    and at the end, so long stages show they are alive; ``--quiet`` silences those lines.
+    """
+    bar = tqdm(total=total, desc=label, disable=_bar_disabled(), leave=False, file=sys.stderr, dynamic_ncols=True)
+    every = max(1, total // 10)
+    done = 0
+    try:
+        for item in items:
+            yield item
+            done += 1
+            if bar.disable:
+                if done % every == 0 or done == total:
+                    log.info("%s: %d/%d", label, done, total)
+            else:
+                bar.update(1)
+    finally:
+        bar.close()

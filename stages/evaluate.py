@@ -1,84 +1,83 @@
-"""Stage ``evaluate``: top-1/top-5 and size of the FP model and of every quantized model."""
+"""Stage ``evaluate``: metrics and plots from the logits ``predict`` wrote (cheap: no model is run).
+
+Writes ``metrics/evaluate.json`` (stable keys: ``samples``, ``fp``, then ``<method>.<config>`` with
+``top1``, ``top5`` (per ``evaluate.topk``), ``size_mb``, ``weight_bits``, ``act_bits``) and
+``plots/evaluate/models.tsv`` (one row per model: the accuracy-vs-size scatter of ``dvc plots``).
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ptqflow.atomic import atomic_write_json
-from ptqflow.data import normalize
-from ptqflow.errors import ConfigError, ModelError
-from ptqflow.evaluate import accuracy, predict_logits
-from ptqflow.fold import fold_bn
-from ptqflow.models import build_model
-from ptqflow.quant.model import load_quant_file
-from ptqflow.sensitivity import layer_infos
-from stages.common import load_fp_model, load_split, resolve_device
-from stages.params import BaseConfig, section
+from ptqflow.atomic import atomic_dir, atomic_write_json, atomic_write_text
+from ptqflow.errors import ConfigError, DataError
+from ptqflow.evaluate import accuracy
+from stages.params import section
+from stages.predict import LOGITS, MODELS
+
+#: Columns of plots/evaluate/models.tsv.
+PLOT_COLUMNS = ("model", "method", "config", "weight_bits", "act_bits", "size_mb", "top1")
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     """Args:
-    batch_size: test images per forward pass.
+    topk: the top-k accuracies to report (``top1`` is always among them: plots and tables use it).
     """
 
-    batch_size: int = 500
+    topk: tuple[int, ...] = (1, 5)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if 1 not in self.topk or any(k < 1 for k in self.topk) or len(set(self.topk)) != len(self.topk):
+            raise ConfigError(f"topk must be distinct integers >= 1 including 1, e.g. [1, 5], got {list(self.topk)}")
 
 
-def _fp_size_mb(model: torch.nn.Module) -> float:
-    return round(sum(p.numel() for p in fold_bn(model).parameters()) * 4 / 2**20, 4)
+def _load(predictions: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+    try:
+        payload = torch.load(predictions / LOGITS, map_location="cpu", weights_only=True)
+        models = json.loads((predictions / MODELS).read_text())
+        labels, logits = payload["labels"], payload["logits"]
+    except Exception as exc:  # missing or corrupt files
+        raise DataError(
+            f"{predictions} is not a valid predict output ({type(exc).__name__}); rerun dvc repro predict"
+        ) from None
+    if set(logits) != set(models) or "fp" not in logits:
+        raise DataError(f"{predictions}: {LOGITS} and {MODELS} disagree; rerun dvc repro predict")
+    return labels, logits, models
 
 
-def run(params: dict[str, Any], test: Path, model_dirs: dict[str, list[Path]], out: Path) -> dict[str, Any]:
-    """Evaluate and write ``out``.
+def run(params: dict[str, Any], predictions: Path, out: Path, plots: Path) -> dict[str, Any]:
+    """Write ``out`` (metrics JSON) and ``plots/models.tsv``; return the metrics.
 
     Args:
         params: loaded params.
-        test: ``test.pt`` from prepare.
-        model_dirs: method name (``rtn``, ...) -> folders of ``<config>.pt`` quantized models.
+        predictions: the folder ``predict`` wrote.
         out: the metrics JSON.
+        plots: folder of the plot tables.
     """
-    base = section(params, "base", BaseConfig)
     config = section(params, "evaluate", EvaluateConfig)
-    device = resolve_device(base.device)
-    data = load_split(test)
-    fp_model = load_fp_model(base).to(device)
-    logits = predict_logits(fp_model, data, config.batch_size, normalize, device)
-    metrics: dict[str, Any] = {
-        "samples": len(data),
-        "fp": {**accuracy(logits, data.labels), "size_mb": _fp_size_mb(fp_model)},
-    }
-    for method, folders in model_dirs.items():
-        files = sorted((p for folder in folders for p in Path(folder).glob("*.pt")), key=lambda p: p.stem)
-        if not files:
-            shown = ", ".join(str(f) for f in folders)
-            raise ModelError(f"no quantized models (*.pt) in {shown}; rerun the stage that writes it")
-        metrics[method] = {}
-        for path in files:
-            model, _, qconfig = load_quant_file(path, build_model)
-            logits = predict_logits(model.to(device), data, config.batch_size, normalize, device)
-            infos = layer_infos(model, normalize(data.images[:1]).to(device), qconfig.first_last_weight_bits)
-            bits = {n: layer.weight_quantizer.bits for n, layer in model.quant_layers()}
-            metrics[method][path.stem] = {
-                **accuracy(logits, data.labels),
-                "size_mb": round(model.size_bytes() / 2**20, 4),
-                "weight_bits": qconfig.weight_bits,
-                "act_bits": qconfig.act_bits,
-                # parameter-weighted over every layer, first/last included (mixed precision: the real mean)
-                "avg_weight_bits": round(
-                    sum(i.params * bits[i.name] for i in infos) / sum(i.params for i in infos), 4
-                ),
-                "gbitops": round(
-                    sum(i.macs * bits[i.name] * (i.input_bits or qconfig.act_bits) for i in infos) / 1e9, 6
-                ),
-            }
+    labels, logits, models = _load(predictions)
+    classes = next(iter(logits.values())).shape[1]
+    if max(config.topk) > classes:
+        raise ConfigError(f"evaluate.topk: {max(config.topk)} exceeds the {classes} classes")
+    topk = tuple(sorted(config.topk))
+    metrics: dict[str, Any] = {"samples": len(labels)}
+    rows = ["\t".join(PLOT_COLUMNS)]
+    for key in ["fp", *sorted(k for k in logits if k != "fp")]:
+        entry = {**accuracy(logits[key], labels, topk), **models[key]}
+        method, _, name = key.partition("/")
+        if name:
+            metrics.setdefault(method, {})[name] = entry
+        else:
+            metrics[method] = {k: v for k, v in entry.items() if not k.endswith("_bits")}
+        fields = (key.replace("/", " "), method, name or "fp32", entry["weight_bits"], entry["act_bits"])
+        rows.append("\t".join(str(v) for v in (*fields, entry["size_mb"], entry["top1"])))
     atomic_write_json(out, metrics)
+    with atomic_dir(plots) as tmp:
+        atomic_write_text(tmp / "models.tsv", "\n".join(rows) + "\n")
     return metrics

@@ -15,7 +15,7 @@ from ptqflow.errors import ConfigError
 from ptqflow.features import FeatureStoreWriter, extract_features
 from ptqflow.fold import fold_bn
 from ptqflow.units import extract_units
-from stages.common import load_fp_model, load_split, resolve_device
+from stages.common import load_fp_model, load_split, resolve_device, track
 from stages.params import BaseConfig, section
 
 
@@ -64,9 +64,11 @@ def run(params: dict[str, Any], calibration: Path, out: Path) -> int:
             stop = start + config.batch_size
             yield normalize(data.images[start:stop]), data.labels[start:stop]
 
+    total = -(-len(data) // config.batch_size)
+
     with atomic_dir(out) as tmp:
         writer = FeatureStoreWriter(
             tmp, names, input_shape, shapes, len(data), config.dtype, config.chunk_size, config.shard_size
         )
-        extract_features(units, batches(), writer, device)
+        extract_features(units, track(batches(), total, "features"), writer, device)
     return len(units)

@@ -52,6 +52,7 @@ SECTIONS = (
     "select",
     "plan",
     "reconstruct",
+    "predict",
     "evaluate",
     "train",
 )

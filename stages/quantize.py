@@ -19,7 +19,7 @@ from ptqflow.atomic import atomic_dir, atomic_save_torch
 from ptqflow.errors import ConfigError, StoreError
 from ptqflow.features import FeatureStore
 from ptqflow.quant.model import QuantConfig, build_quant_model, calibrate_activations, quant_payload
-from stages.common import load_fp_model, resolve_device
+from stages.common import load_fp_model, resolve_device, track
 from stages.params import BaseConfig, section
 
 
@@ -95,7 +95,7 @@ def run(params: dict[str, Any], features: Path, out: Path) -> list[str]:
     store = FeatureStore.open(features)
     fp_model = load_fp_model(base)
     with atomic_dir(out) as tmp:
-        for name, pair in config.bits.items():
+        for name, pair in track(config.bits.items(), len(config.bits), "quantize"):
             qconfig = config.quant_config(pair)
             model = build_quant_model(fp_model, qconfig).to(device)
             if model.names != store.units:

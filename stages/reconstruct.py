@@ -8,6 +8,7 @@ run restarts at the first unfinished step and ends with the same bytes as an uni
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -174,8 +175,8 @@ def run(
         out: folder of reconstructed models.
         plots: folder of per-unit loss tables.
         plan_path: optional unit plan (``plan`` stage), used with ``granularity: block``.
-        timing: optional folder for per-step wall seconds (``<target>.tsv``); deliberately not a DVC
-            output, since seconds differ between identical runs and would break byte-identical outputs.
+        timing: optional folder for per-step wall seconds (``<target>.tsv``, DVC plots data); seconds
+            differ between identical runs, so it is kept apart from the byte-identical outputs.
     """
     base = section(params, "base", BaseConfig)
     config = section(params, "reconstruct", ReconstructConfig)
@@ -190,7 +191,10 @@ def run(
                 f"allowed: {sorted(sources)}"
             )
     resume_root = out.parent / f"{out.name}.resume"
-    with atomic_dir(out) as tmp_out, atomic_dir(plots) as tmp_plots:
+    with contextlib.ExitStack() as stack:
+        tmp_out = stack.enter_context(atomic_dir(out))
+        tmp_plots = stack.enter_context(atomic_dir(plots))
+        tmp_timing = stack.enter_context(atomic_dir(timing)) if timing is not None else None
         for target in config.targets:
             rtn = sources[target]
             model, model_name, qconfig = load_quant_file(rtn, build_model)
@@ -215,8 +219,8 @@ def run(
                 f"{r['step']}\t{r['phase']}\t{r['unit']}\t{r['loss_before']}\t{r['loss_after']}\n" for r in rows
             )
             atomic_write_text(tmp_plots / f"{target}.tsv", header + lines)
-            if timing is not None:  # wall seconds vary run to run: an untracked log, never a DVC output
+            if tmp_timing is not None:  # a resumed run keeps the seconds of the steps it did not redo
                 seconds = "".join(f"{r['step']}\t{r['phase']}\t{r['unit']}\t{r.get('seconds', '')}\n" for r in rows)
-                atomic_write_text(timing / f"{target}.tsv", "step\tphase\tunit\tseconds\n" + seconds)
+                atomic_write_text(tmp_timing / f"{target}.tsv", "step\tphase\tunit\tseconds\n" + seconds)
     shutil.rmtree(resume_root, ignore_errors=True)
     return list(config.targets)

@@ -1,8 +1,9 @@
 """Stage ``search``: NSGA-II mixed-precision search; stores the whole Pareto front of every cost.
 
 Reads ``data/sensitivity/tables.json``; writes ``data/search/front.json`` (one front per cost in
-``search.costs``, each point with its bits per layer) and ``plots/search/front.tsv`` (size, BitOPs and
-summed sensitivity of every front point, for ``dvc plots show``).
+``search.costs``, each point with its bits per layer) and, for ``dvc plots show``, one table per front:
+``plots/search/front.tsv`` (the size front) and ``plots/search/front_bitops.tsv`` (size, average bits,
+BitOPs and summed sensitivity of every point).
 """
 
 from __future__ import annotations
@@ -70,10 +71,13 @@ def run(params: dict[str, Any], tables: Path, out: Path, plots: Path) -> dict[st
         "layers": [g.name for g in space.genes],
         "fronts": fronts,
     }
-    lines = ["cost\tsize_mb\tavg_bits\tbitops\tsensitivity"]
-    for cost, front in fronts.items():
-        lines += [f"{cost}\t{p['size_mb']}\t{p['avg_bits']}\t{p['bitops']}\t{p['sensitivity']}" for p in front]
     with atomic_dir(out) as tmp_out, atomic_dir(plots) as tmp_plots:
         atomic_write_json(tmp_out / "front.json", result)
-        atomic_write_text(tmp_plots / "front.tsv", "\n".join(lines) + "\n")
+        for cost in ("size", "bitops"):  # both files always exist (DVC outputs); a cost not searched is empty
+            lines = ["size_mb\tavg_bits\tbitops\tsensitivity"]
+            lines += [
+                f"{p['size_mb']}\t{p['avg_bits']}\t{p['bitops']}\t{p['sensitivity']}" for p in fronts.get(cost, [])
+            ]
+            name = "front.tsv" if cost == "size" else f"front_{cost}.tsv"
+            atomic_write_text(tmp_plots / name, "\n".join(lines) + "\n")
     return result

@@ -19,7 +19,17 @@ def _invoke(args: list[str]) -> tuple[int, str]:
 def test_help_lists_every_stage() -> None:
     code, out = _invoke(["--help"])
     assert code == 0
-    for name in ("prepare", "features", "quantize", "reconstruct", "evaluate", "train", "publish-weights"):
+    for name in (
+        "prepare",
+        "features",
+        "quantize",
+        "reconstruct",
+        "predict",
+        "evaluate",
+        "train",
+        "publish-weights",
+        "share",
+    ):
         assert name in out
     code, out = _invoke(["quantize", "--help"])
     assert code == 0 and "--features" in out and "--out" in out
