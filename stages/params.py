@@ -42,7 +42,7 @@ class BaseConfig:
 
 
 #: Every top-level section a params file of this project may hold (each pipeline uses a subset).
-SECTIONS = ("base", "prepare", "features", "quantize", "reconstruct", "evaluate", "train")
+SECTIONS = ("base", "prepare", "features", "quantize", "reconstruct", "evaluate", "train", "export")
 
 
 def load_params(path: Path) -> dict[str, Any]:
