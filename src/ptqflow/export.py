@@ -7,9 +7,12 @@ round-half-to-even (as ``torch.round``) and ``DequantizeLinear`` computes ``(q -
 1-D scale and zero point along ``axis`` (per channel) since opset 13 (onnx.ai Operators.md). The mapping:
 
 * **Activations** (per tensor): an unsigned container, zero point ``z`` itself. 8-bit -> ``UINT8``;
-  4-bit -> ``UINT4`` when the opset allows it (>= 21); any other b -> ``UINT8`` followed by a
-  ``Clip(0, 2^b - 1)`` on the integers before ``DequantizeLinear`` (the "QCDQ" pattern). Saturation to
-  the container's range plus the clip is exactly ptqflow's ``clamp``.
+  any other b -> ``UINT8`` followed by a ``Clip(0, 2^b - 1)`` on the integers before
+  ``DequantizeLinear`` (the "QCDQ" pattern). Saturation to the container's range plus the clip is
+  exactly ptqflow's ``clamp``. ``UINT4`` for 4-bit activations is opt-in (``containers: int4``): the
+  graph is valid ONNX and runs node by node, but onnxruntime 1.32's default optimisations reject it
+  (measured: its QDQ fusion builds a ``QLinearConv`` on ``tensor(uint4)``, which that kernel does not
+  accept, and its Clip->QuantizeLinear fusion fails on a 4-bit zero point).
 * **Weights** (per output channel, ``axis=0``): stored as integers on the grid, shifted to a signed
   container (``q - 2^(b-1)``, zero point ``z - 2^(b-1)``; ``(q - zp)`` and so the dequantized weight are
   unchanged): ``INT8`` for 8-bit, ``INT4`` for 4-bit when the opset allows it, ``INT8`` holding values in
@@ -30,7 +33,6 @@ is validated by ``onnx.checker`` with full shape inference).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import io
 import warnings
 from dataclasses import dataclass
@@ -80,9 +82,10 @@ class ExportConfig:
 
     Args:
         opset: ONNX opset, 13..23. 4-bit tensors get INT4/UINT4 containers from 21 on.
-        containers: ``auto``: 4-bit types where the opset allows them, else 8-bit containers + Clip;
-            ``int8``: always 8-bit containers (+ Clip below 8 bits), for runtimes without int4;
-            ``int4``: require 4-bit types (an opset below 21 is an error).
+        containers: ``auto``: INT4 for 4-bit weights where the opset allows it (>= 21), 8-bit
+            containers (+ Clip below 8 bits) for everything else; ``int8``: always 8-bit containers;
+            ``int4``: INT4 weights and UINT4 activations (an opset below 21 is an error). onnxruntime
+            1.32 runs ``int4`` graphs only with its graph optimisations off (see the module docstring).
     """
 
     opset: int = 21
@@ -101,8 +104,13 @@ class ExportConfig:
 
     @property
     def int4(self) -> bool:
-        """Whether 4-bit tensors use INT4/UINT4 containers."""
+        """Whether 4-bit weights use INT4 containers."""
         return self.containers != "int8" and self.opset >= INT4_OPSET
+
+    @property
+    def int4_activations(self) -> bool:
+        """Whether 4-bit activations use UINT4 containers (only when asked: see the module docstring)."""
+        return self.containers == "int4"
 
 
 @dataclass(frozen=True)
@@ -176,7 +184,7 @@ def tensor_quants(model: QuantModel, config: ExportConfig) -> list[TensorQuant]:
                         wq.zero_point.detach().float().cpu().clone(), container, offset, None)
         )  # fmt: skip
     for name, aq in model.act_quantizers():
-        container, offset, clip = _container(aq.bits, signed=False, int4=config.int4)
+        container, offset, clip = _container(aq.bits, signed=False, int4=config.int4_activations)
         scale = aq.scale.detach().float().cpu().abs().clamp_min(_EPS)
         zero = aq.zero_point.detach().float().cpu().clone()
         out.append(TensorQuant(name, "activation", aq.bits, scale, zero, container, offset, clip))
@@ -304,17 +312,13 @@ def _weight_integers(model: QuantModel, name: str, tq: TensorQuant) -> np.ndarra
 
 
 def _rewrite(onnx: Any, proto: Any, model: QuantModel, quants: dict[str, TensorQuant], opset: int) -> None:
-    """Replace every marker node by QDQ nodes; drop the float weights they read; set the opset.
-
-    ``quants`` is updated where a quantizer's container had to change (see the UINT4 note below).
-    """
+    """Replace every marker node by QDQ nodes; drop the float weights they read; set the opset."""
     helper = onnx.helper
     graph = proto.graph
     nodes: list[Any] = []
     new_inits: list[Any] = []
     dropped: set[str] = set()
     seen: set[str] = set()
-    producers = {out: node.op_type for node in graph.node for out in node.output}
     for node in graph.node:
         if node.domain != _DOMAIN:
             nodes.append(node)
@@ -324,12 +328,6 @@ def _rewrite(onnx: Any, proto: Any, model: QuantModel, quants: dict[str, TensorQ
             raise ExportError(f"quantizer {name} is used twice in the traced graph; a quantizer must have one use")
         seen.add(name)
         tq = quants[name]
-        if tq.container == "UINT4" and producers.get(node.input[0]) == "Clip":
-            # onnxruntime (1.32) fails to load a Clip -> QuantizeLinear pair with a 4-bit zero point: its
-            # ClipQuantFusion (clip_quantizelinear.cc) accepts only 8/16-bit ones. A 4-bit activation after
-            # ReLU6 (exported as Clip) therefore takes the 8-bit container + Clip(0, 15) instead.
-            container, offset, _ = _container(tq.bits, signed=False, int4=False)
-            tq = quants[name] = dataclasses.replace(tq, container=container, offset=offset, clip=(0, 2**tq.bits - 1))
         out = node.output[0]
         scale = onnx.numpy_helper.from_array(tq.scale.numpy().astype(np.float32), f"{name}.scale")
         zero = _int_tensor(

@@ -51,10 +51,6 @@ def _run(model_bytes: bytes, x: torch.Tensor, optimize: bool) -> torch.Tensor:
     return onnx_logits(model_bytes, data, 16, lambda idx: x[idx], optimize=optimize)
 
 
-def _elem_types(proto: onnx.ModelProto) -> set[str]:
-    return {onnx.TensorProto.DataType.Name(t.data_type) for t in proto.graph.initializer}
-
-
 @pytest.mark.parametrize("bits", [8, 4, 3, 2])
 @pytest.mark.parametrize("kind", ["resnet", "mobilenet"])
 def test_onnxruntime_matches_torch_fake_quant(kind: str, bits: int) -> None:
@@ -79,33 +75,40 @@ def test_onnxruntime_matches_torch_fake_quant(kind: str, bits: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("bits", "config", "types", "clipped"),
+    ("bits", "config", "weights", "acts"),
     [
-        (8, ExportConfig(opset=21), {"INT8", "UINT8"}, False),
-        (4, ExportConfig(opset=21), {"INT4", "UINT4"}, False),
-        (4, ExportConfig(opset=17), {"INT8", "UINT8"}, True),  # auto: int8 containers below opset 21
-        (4, ExportConfig(opset=21, containers="int8"), {"INT8", "UINT8"}, True),
-        (3, ExportConfig(opset=21), {"INT8", "UINT8"}, True),
-        (2, ExportConfig(opset=21), {"INT8", "UINT8"}, True),
+        (8, ExportConfig(opset=21), "INT8", "UINT8"),
+        (4, ExportConfig(opset=21), "INT4", "UINT8"),  # auto: INT4 weights, 8-bit activation containers
+        (4, ExportConfig(opset=17), "INT8", "UINT8"),  # auto below opset 21: all 8-bit containers
+        (4, ExportConfig(opset=21, containers="int8"), "INT8", "UINT8"),
+        (4, ExportConfig(opset=21, containers="int4"), "INT4", "UINT4"),
+        (3, ExportConfig(opset=21), "INT8", "UINT8"),
+        (2, ExportConfig(opset=23), "INT8", "UINT8"),
     ],
 )
-def test_containers_and_clip(bits: int, config: ExportConfig, types: set[str], clipped: bool) -> None:
+def test_containers_and_clip(bits: int, config: ExportConfig, weights: str, acts: str) -> None:
     model, x = _quantized("resnet", bits)
     proto = onnx.load_from_string(export_onnx(model, x[:1], config)[0])
-    assert types <= _elem_types(proto)
-    assert not ({"INT4", "UINT4"} - types) & _elem_types(proto)
+    types = {n: onnx.TensorProto.DataType.Name(t.data_type) for n, t in ((t.name, t) for t in proto.graph.initializer)}
+    assert {t for n, t in types.items() if n.endswith(".weight_q")} == {weights}
+    stem, *rest = (q for _, q in model.act_quantizers())  # the stem's output stays 8-bit (brecq convention)
+    assert types[f"{list(model.act_quantizers())[0][0]}.zero_point"] == "UINT8" and stem.bits == 8
+    assert {types[f"{n}.zero_point"] for n, q in model.act_quantizers() if q.bits == bits} == {acts}
     ops = [n.op_type for n in proto.graph.node]
-    acts = len(list(model.act_quantizers()))
-    assert ops.count("QuantizeLinear") == acts  # one per activation quantizer; weights are stored as integers
-    assert ops.count("DequantizeLinear") == acts + len(list(model.quant_layers()))
-    # The stem's output stays at 8 bits (brecq convention); every other activation is at `bits`.
-    assert ops.count("Clip") == (sum(q.bits == bits for _, q in model.act_quantizers()) if clipped else 0)
+    assert ops.count("QuantizeLinear") == len(rest) + 1  # one per activation quantizer; weights are integers
+    assert ops.count("DequantizeLinear") == len(rest) + 1 + len(list(model.quant_layers()))
+    clipped = acts == "UINT8" and bits != 8
+    assert ops.count("Clip") == (len(rest) if clipped else 0)
     assert proto.opset_import[0].version == config.opset and all(o.domain != "ptqflow" for o in proto.opset_import)
     onnx.checker.check_model(proto, full_check=True)
     for node in proto.graph.node:
         if node.op_type == "Clip":
             lo, hi = (numpy_helper.to_array(_init(proto, n)) for n in node.input[1:])
             assert (int(lo), int(hi)) == (0, 2**bits - 1)
+    # Every variant runs in onnxruntime node by node and reproduces torch's classes.
+    with torch.no_grad():
+        ref = model(x)
+    assert torch.equal(_run(proto.SerializeToString(), x, optimize=False).argmax(1), ref.argmax(1))
 
 
 def _init(proto: onnx.ModelProto, name: str) -> onnx.TensorProto:
@@ -124,7 +127,7 @@ def test_sidecar_and_initializers_match_the_model(bits: int) -> None:
     model, x = _quantized("resnet", bits)
     config = ExportConfig(opset=21)
     model_bytes, table = export_onnx(model, x[:1], config)
-    assert table == quant_table(tensor_quants(model, config), config)  # no ReLU6 here: nothing changed
+    assert table == quant_table(tensor_quants(model, config), config)
     proto = onnx.load_from_string(model_bytes)
     state = plain_state_dict(model)
     for name, layer in model.quant_layers():
@@ -149,26 +152,9 @@ def test_sidecar_and_initializers_match_the_model(bits: int) -> None:
         entry = table["activations"][name]
         assert torch.tensor(entry["scale"], dtype=torch.float32) == aq.scale.detach().abs()
         assert entry["zero_point"] == int(aq.zero_point) == entry["onnx_zero_point"]
-        native = aq.bits == 8 or aq.bits == 4  # the stem's output is 8-bit (brecq convention)
-        assert entry["bits"] == aq.bits and entry["container"] == ("UINT4" if aq.bits == 4 else "UINT8")
-        assert entry["clip"] == (None if native else [0, 2**aq.bits - 1])
-
-
-def test_uint4_after_relu6_takes_the_clip_path() -> None:
-    # onnxruntime cannot load Clip -> QuantizeLinear with a 4-bit zero point (see export._rewrite).
-    model, x = _quantized("mobilenet", 4)
-    model_bytes, table = export_onnx(model, x[:1], ExportConfig(opset=21))
-    proto = onnx.load_from_string(model_bytes)
-    producers = {o: n.op_type for n in proto.graph.node for o in n.output}
-    for node in proto.graph.node:
-        if node.op_type == "QuantizeLinear":
-            name = node.name.split("/")[0]
-            entry = table["activations"][name]
-            if producers[node.input[0]] == "Clip" and entry["bits"] == 4:
-                assert entry["container"] == "UINT8" and entry["clip"] == [0, 15]
-    containers = {e["container"] for e in table["activations"].values() if e["bits"] == 4}
-    assert containers == {"UINT4", "UINT8"}  # block outputs (after the add) keep UINT4
-    ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])  # loads with default optimisations
+        # 8-bit activation containers (the stem's output is 8-bit, brecq convention; the rest clipped)
+        assert entry["bits"] == aq.bits and entry["container"] == "UINT8"
+        assert entry["clip"] == (None if aq.bits == 8 else [0, 2**aq.bits - 1])
 
 
 def test_tensor_quants_cover_every_quantizer() -> None:
@@ -196,6 +182,7 @@ def test_bad_config(kwargs: dict[str, object], message: str) -> None:
 def test_auto_falls_back_to_int8_below_opset_21() -> None:
     assert ExportConfig(opset=21).int4 and not ExportConfig(opset=20).int4
     assert not ExportConfig(opset=23, containers="int8").int4
+    assert not ExportConfig(opset=21).int4_activations and ExportConfig(containers="int4").int4_activations
 
 
 def test_model_mid_reconstruction_is_refused() -> None:
