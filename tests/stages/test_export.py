@@ -47,8 +47,7 @@ def _invoke(root: Path, params: str, out: str = "out") -> tuple[int, str]:
     return result.exit_code, result.output
 
 
-# Exact float semantics (ort_optimization: none) keep the check's thresholds meaningful on random weights.
-PARAMS = "export: {opset: 21, batch_size: 16, ort_optimization: none}\n"
+PARAMS = "export: {opset: 21, batch_size: 16}\n"
 
 
 def test_export_writes_checked_artifacts_deterministically(workspace: Path) -> None:
@@ -63,6 +62,7 @@ def test_export_writes_checked_artifacts_deterministically(workspace: Path) -> N
         m = metrics[name]
         assert m["agreement"] >= 99.5 and abs(m["top1_onnx"] - m["top1_torch"]) <= 0.1
         assert m["weight_bits"] == int(name[1]) and m["act_bits"] == 4
+        assert set(m["fused"]) == {"top1_onnx", "agreement", "max_abs_logit_diff"}
     assert metrics["w4a4"]["containers"] == ["INT4", "INT8", "UINT8"]  # INT8: first/last layer weights
     assert metrics["w2a4"]["containers"] == ["INT8", "UINT4", "UINT8"]
     table = json.loads((workspace / "out" / "w2a4.json").read_text())
@@ -82,7 +82,8 @@ def test_export_writes_checked_artifacts_deterministically(workspace: Path) -> N
         ("export: {opsett: 21}\n", "did you mean 'opset'"),
         ("export: {opset: 17, containers: int4}\n", "containers 'int4' needs opset >= 21"),
         ("export: {opset: 11}\n", "export.opset must be an integer in 13..23"),
-        ("export: {ort_optimization: some}\n", "export.ort_optimization must be one of"),
+        ("export: {containers: int2}\n", "export.containers must be one of"),
+        ("export: {min_agreement: 120}\n", "percentages in [0, 100]"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_nothing_written(workspace: Path, params: str, message: str) -> None:
