@@ -250,6 +250,32 @@ def _table(metrics: dict[str, Any]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
+@cli.command("export")
+@_path_option(
+    "--models",
+    "models_dir",
+    default=Path("data/reconstruct"),
+    help="Folder of quantized models to export (reconstruct's; data/quantize for the RTN models).",
+)
+@_path_option("--test", default=Path("data/prepare/test.pt"), help="Test split written by prepare (the check).")
+@_path_option("--out", default=Path("data/export"), help="Folder for <name>.onnx, <name>.state_dict.pt, <name>.json.")
+@_path_option("--metrics", "metrics_path", default=Path("metrics/export.json"), help="Metrics JSON to write.")
+@pass_ctx
+@_stage
+def export_(ctx: _Context, models_dir: Path, test: Path, out: Path, metrics_path: Path) -> None:
+    """QDQ ONNX + state_dict + scales JSON, checked in onnxruntime (params: export.*)."""
+    from stages import export as stage
+
+    metrics = stage.run(ctx.params(), models_dir, test, out, metrics_path)
+    rows = [("model", "W/A", "top-1 torch", "top-1 onnx", "agreement %", "containers")]
+    for name, r in metrics.items():
+        if isinstance(r, dict):
+            rows.append((name, f"{r['weight_bits']}/{r['act_bits']}", f"{r['top1_torch']:.2f}",
+                         f"{r['top1_onnx']:.2f}", f"{r['agreement']:.2f}", ",".join(r["containers"])))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    click.echo("\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows))
+
+
 @cli.command()
 @_path_option(
     "--features", "features_path", default=Path("data/features/store.zarr"), help="Feature store written by features."

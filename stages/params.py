@@ -54,6 +54,7 @@ SECTIONS = (
     "reconstruct",
     "predict",
     "evaluate",
+    "export",
     "train",
 )
 

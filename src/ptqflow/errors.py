@@ -6,7 +6,7 @@ it into one line and exit code 2.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "DataError", "ModelError", "PtqflowError", "StoreError"]
+__all__ = ["ConfigError", "DataError", "ExportError", "ModelError", "PtqflowError", "StoreError"]
 
 
 class PtqflowError(Exception):
@@ -27,3 +27,7 @@ class ModelError(PtqflowError):
 
 class StoreError(PtqflowError):
     """A feature store is missing, corrupt or of another format version."""
+
+
+class ExportError(PtqflowError):
+    """A model cannot be exported, or its exported form disagrees with the PyTorch model."""

@@ -31,6 +31,7 @@ def test_repro_reruns_only_what_changed(repo: Path) -> None:
     log = _run(["dvc", "repro"], repo)
     assert _ran(log) == [
         "evaluate",
+        "export",
         "features",
         "plan",
         "predict",
@@ -49,6 +50,8 @@ def test_repro_reruns_only_what_changed(repo: Path) -> None:
     assert (repo / "plots/reconstruct/w2a4.tsv").read_text().startswith("step\tphase\tunit")
     assert not (repo / "data/reconstruct.resume").exists()
     assert 0 <= metrics["fp"]["top1"] <= 100 and metrics["rtn"]["w3a4"]["size_mb"] < metrics["fp"]["size_mb"]
+    exported = json.loads((repo / "metrics/export.json").read_text())
+    assert exported["w2a4"]["agreement"] >= 99.5 and (repo / "data/export/w2a4.onnx").is_file()
     lock = (repo / "dvc.lock").read_text()
     assert str(repo) not in lock  # no absolute path into the repo (the data root lives outside it)
 
@@ -66,21 +69,22 @@ def test_repro_reruns_only_what_changed(repo: Path) -> None:
 
     params["reconstruct"]["iters"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate", "predict", "reconstruct"]  # not features
+    assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate", "export", "predict", "reconstruct"]  # not features
 
     params["select"]["budget"]["value"] = 2.5  # a new budget: search and sensitivity are not rerun
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate", "predict", "reconstruct", "select"]
+    assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate", "export", "predict", "reconstruct", "select"]
 
     params["plan"]["k"] = 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate", "plan", "predict", "reconstruct"]
+    assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate", "export", "plan", "predict", "reconstruct"]
 
     params["quantize"]["bits"]["w3a4"]["act_bits"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # search is not rerun: the act bits move only the ModCap file, not the loss tables it reads
     assert _ran(_run(["dvc", "repro"], repo)) == [
         "evaluate",
+        "export",
         "plan",
         "predict",
         "quantize",

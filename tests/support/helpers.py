@@ -64,3 +64,27 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
             m.weight.data.copy_(torch.rand(c, generator=g) + 0.5)
             m.bias.data.copy_(torch.rand(c, generator=g) - 0.5)
     return model.eval()
+
+
+class TinyMobileNet(nn.Module):
+    """Stem (conv+BN+ReLU6) + two InvertedResiduals (one with a residual add) + head; 8x8 inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.models.mobilenetv2 import InvertedResidual
+        from torchvision.ops.misc import Conv2dNormActivation
+
+        self.features = nn.Sequential(
+            Conv2dNormActivation(3, 8, activation_layer=nn.ReLU6),
+            InvertedResidual(8, 8, 1, expand_ratio=2),
+            InvertedResidual(8, 16, 2, expand_ratio=2),
+        )
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(16, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), (1, 1))
+        return self.classifier(torch.flatten(x, 1))
+
+    @staticmethod
+    def example_inputs(n: int = 4) -> torch.Tensor:
+        return torch.randn(n, 3, 8, 8)

@@ -62,6 +62,7 @@ def tiny_params(data_root: Path) -> dict[str, Any]:
     params["search"].update(pop_size=8, generations=3)
     params["reconstruct"].update(iters=4, act_iters=2, batch_size=8)
     params["predict"].update(batch_size=10)
+    params["export"].update(batch_size=10)
     return params
 
 

@@ -1,0 +1,444 @@
+"""Deployment export of a quantized model: ONNX with QuantizeLinear/DequantizeLinear (QDQ), a plain
+state_dict and a table of scales, zero points and bits, plus the onnxruntime round-trip check.
+
+ptqflow's grid is unsigned and asymmetric, ``Q(x) = s * (clamp(round(x / s) + z, 0, 2^b - 1) - z)``
+(algorithms.md section 1). ONNX's ``QuantizeLinear`` computes ``saturate(round(x / s) + zp)`` with
+round-half-to-even (as ``torch.round``) and ``DequantizeLinear`` computes ``(q - zp) * s``; both allow a
+1-D scale and zero point along ``axis`` (per channel) since opset 13 (onnx.ai Operators.md). The mapping:
+
+* **Activations** (per tensor): an unsigned container, zero point ``z`` itself. 8-bit -> ``UINT8``;
+  any other b -> ``UINT8`` followed by a ``Clip(0, 2^b - 1)`` on the integers before
+  ``DequantizeLinear`` (the "QCDQ" pattern). Saturation to the container's range plus the clip is
+  exactly ptqflow's ``clamp``. ``UINT4`` for 4-bit activations is opt-in (``containers: int4``): the
+  graph is valid ONNX and runs node by node, but onnxruntime 1.32's default optimisations reject it
+  (measured: its QDQ fusion builds a ``QLinearConv`` on ``tensor(uint4)``, which that kernel does not
+  accept, and its Clip->QuantizeLinear fusion fails on a 4-bit zero point).
+* **Weights** (per output channel, ``axis=0``): stored as integers on the grid, shifted to a signed
+  container (``q - 2^(b-1)``, zero point ``z - 2^(b-1)``; ``(q - zp)`` and so the dequantized weight are
+  unchanged): ``INT8`` for 8-bit, ``INT4`` for 4-bit when the opset allows it, ``INT8`` holding values in
+  ``[-2^(b-1), 2^(b-1) - 1]`` otherwise. Weights are constants, so they need no ``QuantizeLinear`` and no
+  clip. Signed weights are what onnxruntime's quantized kernels prefer (its ``U8S8`` format).
+
+The graph is traced by ``torch.onnx.export`` (the TorchScript exporter) from the quantized units'
+own ``forward``: every :class:`~ptqflow.quant.quantizer.WeightQuantizer` and
+:class:`~ptqflow.quant.quantizer.ActQuantizer` is swapped for a marker that computes the same
+fake-quantization in PyTorch and exports as one ``ptqflow::FakeQuant`` node naming the quantizer.
+The markers are then rewritten into Q/(Clip)/DQ from the quantizers' exact values. Nothing depends on a
+block type: a newly registered unit exports as long as ``torch.onnx`` can trace its float ops.
+The exporter tops out at opset 20; for 21..23 the float graph is traced at 20 and relabelled, which is
+sound because those opsets changed the ops a convnet uses only by adding types (the relabelled graph
+is validated by ``onnx.checker`` with full shape inference).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import warnings
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from ptqflow.data import LabelledImages, batches
+from ptqflow.errors import ConfigError, ExportError, ModelError
+from ptqflow.quant.model import QuantModel
+from ptqflow.quant.quantizer import _EPS, ActQuantizer, WeightQuantizer, fake_quantize
+
+if TYPE_CHECKING:
+    import onnx
+
+__all__ = [
+    "INT4_OPSET",
+    "MAX_OPSET",
+    "MIN_OPSET",
+    "ExportConfig",
+    "TensorQuant",
+    "compare_logits",
+    "export_onnx",
+    "onnx_logits",
+    "plain_state_dict",
+    "quant_table",
+    "tensor_quants",
+]
+
+#: Per-axis (per-channel) QuantizeLinear/DequantizeLinear exist from opset 13.
+MIN_OPSET = 13
+#: INT4/UINT4 Q/DQ types exist from opset 21.
+INT4_OPSET = 21
+#: The newest opset this exporter writes (see the module docstring on 21..23).
+MAX_OPSET = 23
+_TRACE_OPSET = 20  # the TorchScript exporter's newest opset
+_DOMAIN = "ptqflow"
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How the ONNX graph is written.
+
+    Args:
+        opset: ONNX opset, 13..23. 4-bit tensors get INT4/UINT4 containers from 21 on.
+        containers: ``auto``: INT4 for 4-bit weights where the opset allows it (>= 21), 8-bit
+            containers (+ Clip below 8 bits) for everything else; ``int8``: always 8-bit containers;
+            ``int4``: INT4 weights and UINT4 activations (an opset below 21 is an error). onnxruntime
+            1.32 runs ``int4`` graphs only with its graph optimisations off (see the module docstring).
+    """
+
+    opset: int = 21
+    containers: Literal["auto", "int8", "int4"] = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise ConfigError(f"opset must be an integer in {MIN_OPSET}..{MAX_OPSET}, got {self.opset!r}")
+        if self.containers not in ("auto", "int8", "int4"):
+            raise ConfigError(f"containers must be one of 'auto', 'int8', 'int4', got {self.containers!r}")
+        if self.containers == "int4" and self.opset < INT4_OPSET:
+            raise ConfigError(
+                f"containers 'int4' needs opset >= {INT4_OPSET} (INT4/UINT4 Q/DQ), got opset {self.opset}; "
+                "raise the opset or use containers 'auto' (8-bit containers + Clip below opset 21)"
+            )
+
+    @property
+    def int4(self) -> bool:
+        """Whether 4-bit weights use INT4 containers."""
+        return self.containers != "int8" and self.opset >= INT4_OPSET
+
+    @property
+    def int4_activations(self) -> bool:
+        """Whether 4-bit activations use UINT4 containers (only when asked: see the module docstring)."""
+        return self.containers == "int4"
+
+
+@dataclass(frozen=True)
+class TensorQuant:
+    """One quantized tensor as the ONNX graph stores it.
+
+    Attributes:
+        name: the quantizer's name in the model (``layer1.0.conv1`` for a layer's weight,
+            ``layer1.0.act1`` for an activation quantizer).
+        kind: ``weight`` (per output channel, ``axis=0``) or ``activation`` (per tensor).
+        bits: bit-width b.
+        scale: float32 step, ``(C,)`` or ``()``; for activations the effective ``|s|`` the forward uses.
+        zero_point: ptqflow's integer zero point z in ``[0, 2^b - 1]``, same shape.
+        container: ONNX element type name: ``INT8``, ``INT4``, ``UINT8`` or ``UINT4``.
+        offset: container value = grid value - offset (``2^(b-1)`` for signed containers, else 0).
+        clip: ``(lo, hi)`` of the Clip after QuantizeLinear (container values), or ``None``.
+    """
+
+    name: str
+    kind: Literal["weight", "activation"]
+    bits: int
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    container: str
+    offset: int
+    clip: tuple[int, int] | None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain lists and numbers (floats are the float32 values, exactly)."""
+        zero = self.zero_point.to(torch.int64)
+        return {
+            "kind": self.kind,
+            "bits": self.bits,
+            "axis": 0 if self.kind == "weight" else None,
+            "scale": self.scale.tolist(),
+            "zero_point": zero.tolist(),
+            "container": self.container,
+            "onnx_zero_point": (zero - self.offset).tolist(),
+            "clip": list(self.clip) if self.clip is not None else None,
+        }
+
+
+def _container(bits: int, signed: bool, int4: bool) -> tuple[str, int, tuple[int, int] | None]:
+    native = bits == 8 or (bits == 4 and int4)
+    size = bits if native else 8
+    name = ("INT" if signed else "UINT") + str(size)
+    offset = 2 ** (bits - 1) if signed else 0
+    clip = None if native else (-offset, 2**bits - 1 - offset)
+    return name, offset, clip
+
+
+def _check_exportable(model: QuantModel) -> None:
+    for name, layer in model.quant_layers():
+        if layer.adaround is not None:
+            raise ModelError(f"layer {name} still has soft AdaRound attached; finish reconstruction first")
+        if not layer.quantize_weight:
+            raise ModelError(f"layer {name} has weight quantization switched off; nothing to export as QDQ")
+    for name, quantizer in model.act_quantizers():
+        if not quantizer.enabled or quantizer.observing or quantizer.keep_prob < 1.0:
+            raise ModelError(f"activation quantizer {name} is not in its inference state (enabled, no drop)")
+
+
+def tensor_quants(model: QuantModel, config: ExportConfig) -> list[TensorQuant]:
+    """Every quantized tensor of ``model``: weights first (forward order), then activations."""
+    out = []
+    for name, layer in model.quant_layers():
+        wq = layer.weight_quantizer
+        container, offset, _ = _container(wq.bits, signed=True, int4=config.int4)
+        out.append(
+            TensorQuant(name, "weight", wq.bits, wq.scale.detach().float().cpu().clone(),
+                        wq.zero_point.detach().float().cpu().clone(), container, offset, None)
+        )  # fmt: skip
+    for name, aq in model.act_quantizers():
+        container, offset, clip = _container(aq.bits, signed=False, int4=config.int4_activations)
+        scale = aq.scale.detach().float().cpu().abs().clamp_min(_EPS)
+        zero = aq.zero_point.detach().float().cpu().clone()
+        out.append(TensorQuant(name, "activation", aq.bits, scale, zero, container, offset, clip))
+    return out
+
+
+def quant_table(quants: list[TensorQuant], config: ExportConfig) -> dict[str, Any]:
+    """The JSON sidecar: ``{"weights": {layer: ...}, "activations": {quantizer: ...}}`` (see TensorQuant)."""
+    table: dict[str, Any] = {"opset": config.opset, "containers": config.containers, "weights": {}, "activations": {}}
+    for tq in quants:
+        table["weights" if tq.kind == "weight" else "activations"][tq.name] = tq.to_json()
+    return table
+
+
+def plain_state_dict(model: QuantModel) -> dict[str, torch.Tensor]:
+    """``{"<layer>.weight": on-grid float32 weight, "<layer>.bias": bias}`` per quantized layer.
+
+    Layer names are :meth:`QuantModel.quant_layers`' (the keys of :func:`quant_table`'s ``weights``);
+    the weights are the fake-quantized values the forward pass uses, so ``round(w / s) + z`` recovers
+    the integers exactly.
+    """
+    state = {}
+    with torch.no_grad():
+        for name, layer in model.quant_layers():
+            state[f"{name}.weight"] = layer.quantized_weight().detach().float().cpu().contiguous()
+            if layer.layer.bias is not None:
+                state[f"{name}.bias"] = layer.layer.bias.detach().float().cpu().contiguous()
+    return state
+
+
+class _FakeQuant(torch.autograd.Function):
+    """ptqflow's fake quantization in PyTorch; one ``ptqflow::FakeQuant`` node in the exported graph."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, name: str
+    ) -> torch.Tensor:
+        return fake_quantize(x, scale, zero_point, bits)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, scale: Any, zero_point: Any, bits: int, name: str) -> Any:
+        out = g.op(f"{_DOMAIN}::FakeQuant", x, name_s=name)
+        out.setType(x.type())
+        return out
+
+
+class _WeightMark(nn.Module):
+    def __init__(self, quantizer: WeightQuantizer, name: str) -> None:
+        super().__init__()
+        self.quantizer = quantizer
+        self.name = name
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        view = (-1,) + (1,) * (weight.dim() - 1)
+        q = self.quantizer
+        return _FakeQuant.apply(weight, q.scale.view(view), q.zero_point.view(view), q.bits, self.name)
+
+
+class _ActMark(nn.Module):
+    def __init__(self, quantizer: ActQuantizer, name: str) -> None:
+        super().__init__()
+        self.quantizer = quantizer
+        self.name = name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.quantizer
+        scale = q.scale.detach().abs().clamp_min(_EPS)
+        return _FakeQuant.apply(x, scale, q.zero_point, q.bits, self.name)
+
+
+def _marked_copy(model: QuantModel) -> QuantModel:
+    marked = copy.deepcopy(model).cpu().eval()
+    for unit_name, unit in marked.named_units():
+        for name, layer in unit.quant_layers():
+            layer.weight_quantizer = _WeightMark(layer.weight_quantizer, f"{unit_name}.{name}")  # type: ignore[assignment]
+        for name, quantizer in list(unit.act_quantizers()):
+            unit.set_submodule(name, _ActMark(quantizer, f"{unit_name}.{name}"))
+    return marked
+
+
+def _trace(model: QuantModel, example: torch.Tensor, opset: int) -> bytes:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        # The TorchScript exporter is deprecated upstream but still the one that keeps custom nodes
+        # (our markers) as written; its deprecation and tracer warnings are not the user's concern.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            buffer,  # type: ignore[arg-type]  # the TorchScript exporter writes to file-likes too
+            dynamo=False,
+            opset_version=opset,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+            do_constant_folding=True,
+        )
+    return buffer.getvalue()
+
+
+def _import_onnx() -> Any:
+    try:
+        import onnx
+    except ImportError:
+        raise ExportError("ONNX export needs the onnx package: pip install 'ptqflow[export]'") from None
+    return onnx
+
+
+def _int_tensor(onnx: Any, name: str, values: np.ndarray, container: str) -> onnx.TensorProto:
+    dtype = getattr(onnx.TensorProto, container)
+    values = np.array(values, dtype=np.int64, order="C")  # keeps 0-d arrays 0-d (per-tensor zero points)
+    if container in ("INT4", "UINT4"):
+        return onnx.helper.make_tensor(name, dtype, list(values.shape), values.reshape(-1).tolist())
+    np_dtype = np.int8 if container == "INT8" else np.uint8
+    return onnx.numpy_helper.from_array(values.astype(np_dtype), name)
+
+
+def _weight_integers(model: QuantModel, name: str, tq: TensorQuant) -> np.ndarray:
+    layer = dict(model.quant_layers())[name]
+    weight = layer.layer.weight.detach().float().cpu()
+    view = (-1,) + (1,) * (weight.dim() - 1)
+    # The same arithmetic as fake_quantize, so the integers are the ones the torch forward uses.
+    q = torch.div(weight, tq.scale.view(view)).round_().add_(tq.zero_point.view(view)).clamp_(0, 2**tq.bits - 1)
+    return (q - tq.offset).to(torch.int64).numpy()
+
+
+def _rewrite(onnx: Any, proto: Any, model: QuantModel, quants: dict[str, TensorQuant], opset: int) -> None:
+    """Replace every marker node by QDQ nodes; drop the float weights they read; set the opset."""
+    helper = onnx.helper
+    graph = proto.graph
+    nodes: list[Any] = []
+    new_inits: list[Any] = []
+    dropped: set[str] = set()
+    seen: set[str] = set()
+    for node in graph.node:
+        if node.domain != _DOMAIN:
+            nodes.append(node)
+            continue
+        name = next(a.s.decode() for a in node.attribute if a.name == "name")
+        if name in seen:
+            raise ExportError(f"quantizer {name} is used twice in the traced graph; a quantizer must have one use")
+        seen.add(name)
+        tq = quants[name]
+        out = node.output[0]
+        scale = onnx.numpy_helper.from_array(tq.scale.numpy().astype(np.float32), f"{name}.scale")
+        zero = _int_tensor(
+            onnx, f"{name}.zero_point", (tq.zero_point.to(torch.int64) - tq.offset).numpy(), tq.container
+        )
+        new_inits += [scale, zero]
+        if tq.kind == "weight":
+            dropped.add(node.input[0])
+            new_inits.append(_int_tensor(onnx, f"{name}.weight_q", _weight_integers(model, name, tq), tq.container))
+            nodes.append(
+                helper.make_node(
+                    "DequantizeLinear", [f"{name}.weight_q", scale.name, zero.name], [out], f"{name}/DequantizeLinear",
+                    axis=0,
+                )
+            )  # fmt: skip
+            continue
+        quantized = f"{name}.q"
+        nodes.append(helper.make_node("QuantizeLinear", [node.input[0], scale.name, zero.name], [quantized],
+                                      f"{name}/QuantizeLinear"))  # fmt: skip
+        if tq.clip is not None:
+            lo, hi = tq.clip
+            new_inits += [
+                _int_tensor(onnx, f"{name}.qmin", np.array(lo), tq.container),
+                _int_tensor(onnx, f"{name}.qmax", np.array(hi), tq.container),
+            ]
+            nodes.append(helper.make_node("Clip", [quantized, f"{name}.qmin", f"{name}.qmax"], [f"{name}.qc"],
+                                          f"{name}/Clip"))  # fmt: skip
+            quantized = f"{name}.qc"
+        nodes.append(helper.make_node("DequantizeLinear", [quantized, scale.name, zero.name], [out],
+                                      f"{name}/DequantizeLinear"))  # fmt: skip
+    missing = sorted(set(quants) - seen)
+    if missing:
+        raise ExportError(f"quantizers not reached by the traced graph: {', '.join(missing[:5])}")
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in graph.initializer if t.name not in dropped or t.name in used]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    # Value infos of the marker outputs were typed by the tracer; drop all and let checkers infer.
+    del graph.value_info[:]
+    imports = [o for o in proto.opset_import if o.domain not in (_DOMAIN, "", "ai.onnx")]
+    del proto.opset_import[:]
+    proto.opset_import.extend([helper.make_opsetid("", opset), *imports])
+    proto.ir_version = max(helper.find_min_ir_version_for(list(proto.opset_import)), 7)
+    proto.producer_name = "ptqflow"
+    proto.producer_version = ""
+
+
+def export_onnx(model: QuantModel, example: torch.Tensor, config: ExportConfig) -> tuple[bytes, dict[str, Any]]:
+    """The quantized model as a serialized, checked QDQ ONNX model (identical bytes for identical input),
+    and its sidecar table (:func:`quant_table`: scales, zero points, bits and containers as written).
+
+    Args:
+        model: a quantized model in its inference state (AdaRound finished, quantizers enabled).
+        example: one input batch ``(N, C, H, W)`` fixing the input's shape (the batch is dynamic).
+        config: opset and container choice.
+
+    Raises:
+        ModelError: the model is not in its inference state.
+        ExportError: onnx is missing, or the graph fails ``onnx.checker``.
+    """
+    onnx = _import_onnx()
+    _check_exportable(model)
+    quants = {tq.name: tq for tq in tensor_quants(model, config)}
+    proto = onnx.load_from_string(
+        _trace(_marked_copy(model), example.detach().float().cpu(), min(config.opset, _TRACE_OPSET))
+    )
+    _rewrite(onnx, proto, model, quants, config.opset)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"exported graph is not valid ONNX: {str(exc).splitlines()[0]}") from None
+    return bytes(proto.SerializeToString(deterministic=True)), quant_table(list(quants.values()), config)
+
+
+def onnx_logits(
+    model_bytes: bytes, data: LabelledImages, batch_size: int, preprocess: Any, optimize: bool = True
+) -> torch.Tensor:
+    """Logits ``(N, classes)`` of an ONNX model under onnxruntime's CPU execution provider.
+
+    Args:
+        model_bytes: the serialized model.
+        data: labelled images (uint8).
+        batch_size: images per run.
+        preprocess: uint8 images -> float input (as for the torch model).
+        optimize: onnxruntime's default graph optimisations (QDQ groups fused into integer kernels);
+            ``False`` runs the graph node by node, which reproduces PyTorch's float arithmetic.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ExportError("the onnxruntime check needs onnxruntime: pip install 'ptqflow[export]'") from None
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    out = []
+    for images, _ in batches(data, batch_size):
+        x = preprocess(images).numpy()
+        out.append(torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]))
+    return torch.cat(out).float()
+
+
+def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Top-1 of both (percent), per-sample argmax agreement (percent) and the largest logit difference."""
+    ref_pred, cand_pred = reference.argmax(dim=1), candidate.argmax(dim=1)
+    return {
+        "top1_torch": round(100.0 * (ref_pred == labels).float().mean().item(), 4),
+        "top1_onnx": round(100.0 * (cand_pred == labels).float().mean().item(), 4),
+        "agreement": round(100.0 * (ref_pred == cand_pred).float().mean().item(), 4),
+        "max_abs_logit_diff": float(f"{(reference - candidate).abs().max().item():.6g}"),
+    }

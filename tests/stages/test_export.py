@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import randomize_bn
+
+from ptqflow.atomic import atomic_save_torch
+from ptqflow.models import build_model
+from ptqflow.quant.model import QuantConfig, build_quant_model, calibrate_activations, quant_payload
+from stages.cli import cli
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of two quantized ResNet-20s (random weights) and a 40-image test split."""
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    fp = randomize_bn(build_model("resnet20"))
+    images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
+    torch.save({"images": images, "labels": torch.arange(40) % 10}, root / "test.pt")
+    calib = torch.randn(2, 1, 28, 28)  # a tiny calibration batch keeps the range search quick
+    for name, bits in (("w4a4", 4), ("w2a4", 2)):
+        model = build_quant_model(fp, QuantConfig(weight_bits=bits, act_bits=4))
+        model.set_quant_state(False, False)
+        with torch.no_grad():
+            inputs = [calib]
+            for unit in model.units[:-1]:
+                inputs.append(unit(inputs[-1]))
+        calibrate_activations(model, lambda i, inputs=inputs: iter([inputs[i]]), 2.4, torch.device("cpu"))
+        atomic_save_torch(quant_payload(model, "resnet20", QuantConfig(weight_bits=bits, act_bits=4)),
+                          root / "models" / f"{name}.pt")  # fmt: skip
+    return root
+
+
+def _invoke(root: Path, params: str, out: str = "out") -> tuple[int, str]:
+    (root / "params.yaml").write_text(params)
+    args = ["--params", str(root / "params.yaml"), "export", "--models", str(root / "models"), "--test"]
+    args += [str(root / "test.pt"), "--out", str(root / out), "--metrics", str(root / f"{out}.json")]
+    result = CliRunner().invoke(cli, args)
+    return result.exit_code, result.output
+
+
+PARAMS = "export: {opset: 21, batch_size: 16}\n"
+
+
+def test_export_writes_checked_artifacts_deterministically(workspace: Path) -> None:
+    code, out = _invoke(workspace, PARAMS)
+    assert code == 0, out
+    assert "w2a4" in out and "top-1 onnx" in out
+    files = sorted(p.name for p in (workspace / "out").iterdir())
+    assert files == [f"{n}{ext}" for n in ("w2a4", "w4a4") for ext in (".json", ".onnx", ".state_dict.pt")]
+    metrics = json.loads((workspace / "out.json").read_text())
+    assert metrics["samples"] == 40 and metrics["opset"] == 21
+    for name in ("w2a4", "w4a4"):
+        m = metrics[name]
+        assert m["agreement"] >= 99.5 and abs(m["top1_onnx"] - m["top1_torch"]) <= 0.1
+        assert m["weight_bits"] == int(name[1]) and m["act_bits"] == 4
+        assert set(m["fused"]) == {"top1_onnx", "agreement", "max_abs_logit_diff"}
+    assert metrics["w4a4"]["containers"] == ["INT4", "INT8", "UINT8"]  # INT8: first/last layer weights
+    assert metrics["w2a4"]["containers"] == ["INT8", "UINT8"]
+    table = json.loads((workspace / "out" / "w2a4.json").read_text())
+    assert table["model"] == "resnet20" and table["weights"]["layer1.0.conv1"]["clip"] is None
+    state = torch.load(workspace / "out" / "w2a4.state_dict.pt", weights_only=True)
+    assert set(state) == {f"{n}.{p}" for n in table["weights"] for p in ("weight", "bias")}
+
+    code, _ = _invoke(workspace, PARAMS, out="again")
+    assert code == 0
+    for path in (workspace / "out").iterdir():
+        assert (workspace / "again" / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ("export: {opsett: 21}\n", "did you mean 'opset'"),
+        ("export: {opset: 17, containers: int4}\n", "containers 'int4' needs opset >= 21"),
+        ("export: {opset: 11}\n", "export.opset must be an integer in 13..23"),
+        ("export: {containers: int2}\n", "export.containers must be one of"),
+        ("export: {min_agreement: 120}\n", "percentages in [0, 100]"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_nothing_written(workspace: Path, params: str, message: str) -> None:
+    code, out = _invoke(workspace, params, out="bad")
+    assert code == 2 and message in out and "Traceback" not in out
+    assert len(out.strip().splitlines()) == 1
+    assert not (workspace / "bad").exists() and not (workspace / "bad.json").exists()
+
+
+def test_empty_models_folder_exits_2(tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    code, out = _invoke(tmp_path, PARAMS)
+    assert code == 2 and "no quantized models" in out
