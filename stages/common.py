@@ -27,7 +27,7 @@ log = logging.getLogger("ptqflow")
 def load_fp_model(base: BaseConfig) -> nn.Module:
     """The FP model ``base.model`` with weights from ``base.weights``, in eval mode."""
     model = build_model(base.model)
-    return load_weights(model, Path(base.weights)).eval()
+    return load_weights(model, Path(base.weights), base.model).eval()
 
 
 def load_split(path: Path) -> LabelledImages:
