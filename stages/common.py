@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,14 +13,23 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ptqflow.data import LabelledImages
+from ptqflow.data import LabelledImages, normalize
 from ptqflow.errors import ConfigError, DataError
+from ptqflow.imagefolder import normalize_channels
 from ptqflow.models import build_model, load_weights
 
 if TYPE_CHECKING:
     from stages.params import BaseConfig
 
-__all__ = ["configure_logging", "load_fp_model", "load_split", "progress_bar", "resolve_device", "seed_everything"]
+__all__ = [
+    "configure_logging",
+    "load_calibration",
+    "load_fp_model",
+    "load_split",
+    "progress_bar",
+    "resolve_device",
+    "seed_everything",
+]
 
 log = logging.getLogger("ptqflow")
 
@@ -45,6 +55,18 @@ def load_split(path: Path) -> LabelledImages:
     if not (isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor) and len(images) == len(labels)):
         raise DataError(f"{path} is not a valid prepare output; rerun dvc repro prepare")
     return LabelledImages(images, labels)
+
+
+def load_calibration(path: Path) -> tuple[LabelledImages, Callable[[torch.Tensor], torch.Tensor]]:
+    """A calibration split plus its preprocessing: per-channel mean/std when the file carries them
+    (image folders), else the Fashion-MNIST :func:`ptqflow.data.normalize`."""
+    data = load_split(path)
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    mean, std = obj.get("mean"), obj.get("std")
+    if mean is None or std is None:
+        return data, normalize
+    channel_mean, channel_std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    return data, partial(normalize_channels, mean=channel_mean, std=channel_std)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from ptqflow.data import LabelledImages, batches
 
-__all__ = ["accuracy", "predict_logits"]
+__all__ = ["accuracy", "predict_logits", "predict_logits_many"]
 
 Preprocess = Callable[[torch.Tensor], torch.Tensor]
 
@@ -29,6 +29,29 @@ def predict_logits(
         out.append(model(x).float().cpu())
     model.to(memory_format=torch.contiguous_format)
     return torch.cat(out)
+
+
+@torch.no_grad()
+def predict_logits_many(
+    models: Mapping[str, nn.Module], batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Logits of several models over one stream of preprocessed batches, each batch read once.
+
+    For test sets streamed from disk (image folders), where decoding costs more than a forward pass.
+
+    Returns:
+        ``({name: logits (N, classes)}, labels (N,))``, on the CPU, in stream order.
+    """
+    for model in models.values():
+        model.eval().to(device)
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in models}
+    labels = []
+    for x, y in batches:
+        x = x.to(device)
+        for name, model in models.items():
+            outputs[name].append(model(x).float().cpu())
+        labels.append(y)
+    return {name: torch.cat(parts) for name, parts in outputs.items()}, torch.cat(labels)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, topk: tuple[int, ...] = (1, 5)) -> dict[str, float]:
