@@ -178,9 +178,12 @@ def reconstruct(
     help="METHOD=FOLDER of quantized models to evaluate (repeatable).",
 )
 @_path_option("--out", default=Path("metrics/evaluate.json"), help="Metrics JSON to write.")
+@_path_option(
+    "--images", default=None, help="Image folder root the test index (test.json) is relative to (prepare.data_root)."
+)
 @pass_ctx
 @_stage
-def evaluate(ctx: _Context, test: Path, model_dirs: tuple[str, ...], out: Path) -> None:
+def evaluate(ctx: _Context, test: Path, model_dirs: tuple[str, ...], out: Path, images: Path | None) -> None:
     """Top-1/top-5 and size of the FP and quantized models (params: base.*, evaluate.*)."""
     from stages import evaluate as stage
 
@@ -190,7 +193,7 @@ def evaluate(ctx: _Context, test: Path, model_dirs: tuple[str, ...], out: Path) 
         if not sep or not method or not folder:
             raise BadInput(f"--models takes METHOD=FOLDER (e.g. rtn=data/quantize), got {item!r}")
         folders[method] = Path(folder)
-    metrics = stage.run(ctx.params(), test, folders, out)
+    metrics = stage.run(ctx.params(), test, folders, out, images)
     click.echo(_table(metrics))
 
 

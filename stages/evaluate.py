@@ -42,20 +42,25 @@ def _fp_size_mb(model: torch.nn.Module) -> float:
     return round(sum(p.numel() for p in fold_bn(model).parameters()) * 4 / 2**20, 4)
 
 
-def run(params: dict[str, Any], test: Path, model_dirs: dict[str, Path], out: Path) -> dict[str, Any]:
+def run(
+    params: dict[str, Any], test: Path, model_dirs: dict[str, Path], out: Path, images: Path | None = None
+) -> dict[str, Any]:
     """Evaluate and write ``out``.
 
     Args:
         params: loaded params.
-        test: ``test.pt`` from prepare.
+        test: ``test.pt`` from prepare, or ``test.json`` (an image-folder index).
         model_dirs: method name (``rtn``, ...) -> folder of ``<config>.pt`` quantized models.
         out: the metrics JSON.
+        images: the image folder's root the index's paths are relative to (``test.json`` only).
     """
     base = section(params, "base", BaseConfig)
     config = section(params, "evaluate", EvaluateConfig)
     device = resolve_device(base.device)
     if Path(test).suffix == ".json":
-        return _run_streamed(params, base, config, device, Path(test), model_dirs, out)
+        if images is None:
+            raise DataError(f"{test} is an image-folder index: pass the folder's root with --images")
+        return _run_streamed(base, config, device, Path(test), Path(images), model_dirs, out)
     data = load_split(test)
     fp_model = load_fp_model(base).to(device)
     logits = predict_logits(fp_model, data, config.batch_size, normalize, device)
@@ -95,18 +100,15 @@ def _quant_models(model_dirs: dict[str, Path]) -> dict[str, dict[str, tuple[Quan
 
 
 def _run_streamed(
-    params: dict[str, Any],
     base: BaseConfig,
     config: EvaluateConfig,
     device: torch.device,
     test: Path,
+    root: Path,
     model_dirs: dict[str, Path],
     out: Path,
 ) -> dict[str, Any]:
     """Image-folder test sets: decode each validation batch once and run every model on it."""
-    from stages.prepare import PrepareConfig
-
-    root = Path(section(params, "prepare", PrepareConfig).data_root)
     if not test.is_file():
         raise DataError(f"{test} not found; run the prepare stage first (dvc repro prepare)")
     try:

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import importlib
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -237,7 +238,12 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
                 obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelError(f"weights file {path} does not hold a state_dict (a mapping of names to tensors)")
-    return {str(k).removeprefix("module."): v for k, v in obj.items()}
+    state = OrderedDict((str(k).removeprefix("module."), v) for k, v in obj.items())
+    metadata = getattr(obj, "_metadata", None)
+    if isinstance(metadata, dict):
+        # Per-module format versions (torch.save keeps them; MNASNet refuses to load without its own).
+        state._metadata = OrderedDict((str(k).removeprefix("module."), v) for k, v in metadata.items())  # type: ignore[attr-defined]
+    return state
 
 
 def load_weights(model: nn.Module, path: Path, model_name: str | None = None) -> nn.Module:
@@ -273,5 +279,13 @@ def load_weights(model: nn.Module, path: Path, model_name: str | None = None) ->
                 f"model {tuple(expected[k].shape)})"
             )
         raise ModelError(f"weights file {path} does not match the model architecture: {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
+    if getattr(state, "_metadata", None) is None:
+        # Keys and shapes match this architecture exactly, so the file is in its current format.
+        state = OrderedDict(state)
+        state._metadata = getattr(expected, "_metadata", OrderedDict())  # type: ignore[attr-defined]
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"weights file {path} does not load into {type(model).__name__}: {first}") from None
     return model
