@@ -57,6 +57,27 @@ def test_every_paper_model_has_a_preset() -> None:
     }
 
 
+@pytest.mark.parametrize("preset", PRESETS)
+def test_preset_params_parse_strictly(preset: str) -> None:
+    from stages.evaluate import EvaluateConfig
+    from stages.features import FeaturesConfig
+    from stages.params import BaseConfig, load_params, section
+    from stages.prepare import PrepareConfig
+    from stages.quantize import QuantizeConfig
+    from stages.reconstruct import ReconstructConfig
+
+    params = load_params(ROOT / "pipelines" / preset / "params.yaml")
+    base = section(params, "base", BaseConfig)
+    assert base.model.startswith("torchvision.") and not Path(base.weights).is_absolute()
+    assert section(params, "prepare", PrepareConfig).dataset == "imagefolder"
+    section(params, "features", FeaturesConfig)
+    section(params, "quantize", QuantizeConfig)
+    recon = section(params, "reconstruct", ReconstructConfig)
+    expected_lambda = {"mobilenet_v2": 0.1, "mnasnet1_0": 0.2}.get(base.model.split(".", 1)[1], 0.01)
+    assert recon.reg_weight == expected_lambda and recon.iters == 20000 and recon.batch_size == 32
+    section(params, "evaluate", EvaluateConfig)
+
+
 @pytest.mark.parametrize("preset", [pytest.param(p, marks=[] if p in LIGHT else [pytest.mark.slow]) for p in PRESETS])
 def test_preset_dag_runs(preset: str, tmp_path: Path) -> None:
     began = time.perf_counter()
