@@ -59,7 +59,7 @@ def test_regnet_block_placement() -> None:
     assert isinstance(unit, QuantResBottleneck)
     assert [n for n, _ in unit.quant_layers()] == ["layers.0", "layers.1", "layers.2", "proj"]
     assert [n for n, _ in unit.act_quantizers()] == ["acts.0", "acts.1", "act_out"]  # a, b, after add+ReLU
-    assert unit.layers[1].layer.groups == 2  # RegNetX's grouped 3x3
+    assert unit.layers[1].layer.groups == 4  # RegNetX grouped 3x3: 32 channels, group width 8
     with torch.no_grad():
         out, ref = unit(x), fold_bn(randomize_bn(block))(x)
     assert out.min() >= 0  # quantized after the final ReLU

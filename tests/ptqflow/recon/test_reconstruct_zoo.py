@@ -13,7 +13,7 @@ from ptqflow.features import FeatureStore, FeatureStoreWriter, extract_features
 from ptqflow.fold import fold_bn
 from ptqflow.models import build_model
 from ptqflow.quant.model import QuantConfig, build_quant_model, calibrate_activations
-from ptqflow.quant.quantizer import fake_quantize
+from ptqflow.quant.quantizer import fake_quantize, lp_range_search
 from ptqflow.recon.reconstruct import ReconConfig, reconstruct
 from ptqflow.units import extract_units
 
@@ -42,7 +42,16 @@ def test_reconstruction_smoke(name: str, method: str, tmp_path: Path) -> None:
     extract_features([u.module for u in units], iter([(x, torch.arange(n) % 1000)]), writer, CPU)
     store = FeatureStore.open(tmp_path / "s.zarr")
     convention = "qdrop" if method == "qdrop" else "brecq"
-    model = build_quant_model(fp, QuantConfig(weight_bits=2, act_bits=4, convention=convention, calib_size=n))
+    model = build_quant_model(
+        fp, QuantConfig(weight_bits=2, act_bits=4, convention=convention, calib_size=n), init_weights=False
+    )
+    for _, layer in model.quant_layers():
+        # min/max ranges (one candidate of the Lp search): the 80-candidate search over every weight of
+        # these nets would take most of the run, and the smoke test is about the reconstruction loop.
+        q, w = layer.weight_quantizer, layer.layer.weight
+        scale, zero = lp_range_search(w.detach().reshape(w.shape[0], -1), q.bits, steps=1)
+        q.scale.copy_(scale)
+        q.zero_point.copy_(zero)
     calibrate_activations(model, lambda i: store.iter_inputs(i, n), 2.4, CPU)
     config = ReconConfig(
         method=method, iters=2, act_iters=1, batch_size=4, keep_prob=0.5 if method == "qdrop" else 1.0
