@@ -64,6 +64,8 @@ def test_reconstruction_smoke(name: str, method: str, tmp_path: Path) -> None:
     assert len(stats) == (steps if method == "qdrop" else 2 * steps)
     assert all(torch.isfinite(torch.tensor([s["loss_before"], s["loss_after"]])).all() for s in stats)
     for layer_name, layer in model.quant_layers():
+        if convention == "brecq" and layer_name.startswith("stem."):
+            continue  # BRECQ's stem is never reconstructed: it keeps FP weights, rounded to nearest on the fly
         q = layer.weight_quantizer
         w = layer.layer.weight
         on_grid = fake_quantize(
