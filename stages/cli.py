@@ -203,9 +203,12 @@ def reconstruct(
     help="METHOD=FOLDER of quantized models to run (repeatable; a method may name several folders).",
 )
 @_path_option("--out", default=Path("data/predict"), help="Folder for logits.pt and models.json.")
+@_path_option(
+    "--images", default=None, help="Image folder root the test index (test.json) is relative to (prepare.data_root)."
+)
 @pass_ctx
 @_stage
-def predict(ctx: _Context, test: Path, model_dirs: tuple[str, ...], out: Path) -> None:
+def predict(ctx: _Context, test: Path, model_dirs: tuple[str, ...], out: Path, images: Path | None) -> None:
     """Test-set logits, size and bits of the FP and quantized models (params: base.*, predict.*)."""
     from stages import predict as stage
 
@@ -215,7 +218,7 @@ def predict(ctx: _Context, test: Path, model_dirs: tuple[str, ...], out: Path) -
         if not sep or not method or not folder:
             raise BadInput(f"--models takes METHOD=FOLDER (e.g. rtn=data/quantize), got {item!r}")
         folders.setdefault(method, []).append(Path(folder))
-    keys = stage.run(ctx.params(), test, folders, out)
+    keys = stage.run(ctx.params(), test, folders, out, images)
     log.info("wrote %s/logits.pt for %s", out, ", ".join(keys))
 
 

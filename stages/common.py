@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -12,8 +13,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ptqflow.data import LabelledImages
+from ptqflow.data import LabelledImages, normalize
 from ptqflow.errors import ConfigError, DataError
+from ptqflow.imagefolder import normalize_channels
 from ptqflow.models import build_model, load_weights
 
 if TYPE_CHECKING:
@@ -21,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "configure_logging",
+    "load_calibration",
     "load_fp_model",
     "load_split",
     "progress_bar",
@@ -37,7 +40,7 @@ log = logging.getLogger("ptqflow")
 def load_fp_model(base: BaseConfig) -> nn.Module:
     """The FP model ``base.model`` with weights from ``base.weights``, in eval mode."""
     model = build_model(base.model)
-    return load_weights(model, Path(base.weights)).eval()
+    return load_weights(model, Path(base.weights), base.model).eval()
 
 
 def load_split(path: Path) -> LabelledImages:
@@ -55,6 +58,18 @@ def load_split(path: Path) -> LabelledImages:
     if not (isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor) and len(images) == len(labels)):
         raise DataError(f"{path} is not a valid prepare output; rerun dvc repro prepare")
     return LabelledImages(images, labels)
+
+
+def load_calibration(path: Path) -> tuple[LabelledImages, Callable[[torch.Tensor], torch.Tensor]]:
+    """A calibration split plus its preprocessing: per-channel mean/std when the file carries them
+    (image folders), else the Fashion-MNIST :func:`ptqflow.data.normalize`."""
+    data = load_split(path)
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    mean, std = obj.get("mean"), obj.get("std")
+    if mean is None or std is None:
+        return data, normalize
+    channel_mean, channel_std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+    return data, partial(normalize_channels, mean=channel_mean, std=channel_std)
 
 
 def resolve_device(name: str) -> torch.device:

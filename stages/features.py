@@ -10,12 +10,11 @@ from typing import Any, Literal
 import torch
 
 from ptqflow.atomic import atomic_dir
-from ptqflow.data import normalize
 from ptqflow.errors import ConfigError
 from ptqflow.features import FeatureStoreWriter, extract_features
 from ptqflow.fold import fold_bn
 from ptqflow.units import extract_units
-from stages.common import load_fp_model, load_split, resolve_device, track
+from stages.common import load_calibration, load_fp_model, resolve_device, track
 from stages.params import BaseConfig, section
 
 
@@ -46,23 +45,23 @@ def run(params: dict[str, Any], calibration: Path, out: Path) -> int:
     base = section(params, "base", BaseConfig)
     config = section(params, "features", FeaturesConfig)
     device = resolve_device(base.device)
-    data = load_split(calibration)
+    data, preprocess = load_calibration(calibration)
     model = load_fp_model(base).to(device)
     extracted = extract_units(fold_bn(model))
     units = [u.module for u in extracted]
     names = [u.name for u in extracted]
     with torch.no_grad():
-        probe = normalize(data.images[:1]).to(device)
+        probe = preprocess(data.images[:1]).to(device)
         shapes = []
         for unit in units:
             probe = unit(probe)
             shapes.append(tuple(probe.shape[1:]))
-    input_shape = tuple(normalize(data.images[:1]).shape[1:])
+    input_shape = tuple(preprocess(data.images[:1]).shape[1:])
 
     def batches() -> Any:
         for start in range(0, len(data), config.batch_size):
             stop = start + config.batch_size
-            yield normalize(data.images[start:stop]), data.labels[start:stop]
+            yield preprocess(data.images[start:stop]), data.labels[start:stop]
 
     total = -(-len(data) // config.batch_size)
 

@@ -8,6 +8,8 @@ and plots) reruns alone, in seconds, when a reporting key such as ``evaluate.top
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +18,12 @@ import torch
 
 from ptqflow.atomic import atomic_dir, atomic_save_torch, atomic_write_json
 from ptqflow.data import normalize
-from ptqflow.errors import ConfigError, ModelError
-from ptqflow.evaluate import Batches, freeze_weights, predict_logits
+from ptqflow.errors import ConfigError, DataError, ModelError
+from ptqflow.evaluate import Batches, freeze_weights, predict_logits, predict_logits_many
 from ptqflow.fold import fold_bn
+from ptqflow.imagefolder import ImageFolderDataset, ImageIndex, normalize_channels
 from ptqflow.models import build_model
-from ptqflow.quant.model import load_quant_file
+from ptqflow.quant.model import QuantConfig, QuantModel, load_quant_file
 from ptqflow.sensitivity import layer_infos
 from stages.common import load_fp_model, load_split, resolve_device, track
 from stages.params import BaseConfig, section
@@ -33,36 +36,40 @@ LOGITS, MODELS = "logits.pt", "models.json"
 class PredictConfig:
     """Args:
     batch_size: test images per forward pass.
+    workers: image folders: processes decoding test images (0: in the main process).
     """
 
     batch_size: int = 500
+    workers: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {self.workers}")
 
 
 def _fp_size_mb(model: torch.nn.Module) -> float:
     return round(sum(p.numel() for p in fold_bn(model).parameters()) * 4 / 2**20, 4)
 
 
-def run(params: dict[str, Any], test: Path, model_dirs: dict[str, list[Path]], out: Path) -> list[str]:
-    """Write ``out/logits.pt`` (``{"labels", "logits": {model key: (N, classes)}}``) and ``out/models.json``.
+def _quant_info(model: QuantModel, qconfig: QuantConfig, example: torch.Tensor) -> dict[str, Any]:
+    """Size, nominal and average weight bits, and BitOPs of one quantized model."""
+    infos = layer_infos(model, example, qconfig.first_last_weight_bits)
+    bits = {n: layer.weight_quantizer.bits for n, layer in model.quant_layers()}
+    return {
+        "size_mb": round(model.size_bytes() / 2**20, 4),
+        "weight_bits": qconfig.weight_bits,
+        "act_bits": qconfig.act_bits,
+        # parameter-weighted over every layer, first/last included (for mixed precision, the real mean)
+        "avg_weight_bits": round(sum(i.params * bits[i.name] for i in infos) / sum(i.params for i in infos), 4),
+        "gbitops": round(sum(i.macs * bits[i.name] * (i.input_bits or qconfig.act_bits) for i in infos) / 1e9, 6),
+    }
 
-    Args:
-        params: loaded params.
-        test: ``test.pt`` from prepare.
-        model_dirs: method name (``rtn``, ``recon``, ...) -> folders of ``<config>.pt`` quantized models.
-        out: the output folder.
 
-    Returns:
-        The model keys: ``fp`` and ``<method>/<config>`` for every quantized model.
-    """
-    base = section(params, "base", BaseConfig)
-    config = section(params, "predict", PredictConfig)
-    device = resolve_device(base.device)
-    data = load_split(test)
-    jobs: list[tuple[str, str, Path | None]] = [("fp", "", None)]
+def _model_files(model_dirs: dict[str, list[Path]]) -> list[tuple[str, Path]]:
+    """``(model key, file)`` for every quantized model, ``<method>/<config>``."""
+    found = []
     for method, folders in model_dirs.items():
         if method == "fp" or "/" in method:
             raise ConfigError(f"--models method names may not be 'fp' or hold '/', got {method!r}")
@@ -70,36 +77,104 @@ def run(params: dict[str, Any], test: Path, model_dirs: dict[str, list[Path]], o
         if not files:
             shown = ", ".join(str(f) for f in folders)
             raise ModelError(f"no quantized models (*.pt) in {shown}; rerun the stage that writes it")
-        jobs += [(method, path.stem, path) for path in files]
-    logits: dict[str, torch.Tensor] = {}
-    models: dict[str, Any] = {}
-    batches = -(-len(data) // config.batch_size)
-    for method, name, path in jobs:
-        key = f"{method}/{name}" if name else method
+        found += [(f"{method}/{path.stem}", path) for path in files]
+    return found
 
-        def progress(stream: Batches, label: str = f"predict {key}") -> Batches:
-            return track(stream, batches, label)
 
-        if path is None:
-            fp_model = load_fp_model(base).to(device)
-            logits[key] = predict_logits(fp_model, data, config.batch_size, normalize, device, progress)
-            models[key] = {"size_mb": _fp_size_mb(fp_model), "weight_bits": 32, "act_bits": 32, "avg_weight_bits": 32}
-            continue
-        model, _, qconfig = load_quant_file(path, build_model)
-        size_mb = round(model.size_bytes() / 2**20, 4)
-        infos = layer_infos(model, normalize(data.images[:1]), qconfig.first_last_weight_bits)
-        bits = {n: layer.weight_quantizer.bits for n, layer in model.quant_layers()}
-        freeze_weights(model)
-        logits[key] = predict_logits(model.to(device), data, config.batch_size, normalize, device, progress)
-        models[key] = {
-            "size_mb": size_mb,
-            "weight_bits": qconfig.weight_bits,
-            "act_bits": qconfig.act_bits,
-            # parameter-weighted over every layer, first/last included (for mixed precision, the real mean)
-            "avg_weight_bits": round(sum(i.params * bits[i.name] for i in infos) / sum(i.params for i in infos), 4),
-            "gbitops": round(sum(i.macs * bits[i.name] * (i.input_bits or qconfig.act_bits) for i in infos) / 1e9, 6),
-        }
+def run(
+    params: dict[str, Any], test: Path, model_dirs: dict[str, list[Path]], out: Path, images: Path | None = None
+) -> list[str]:
+    """Write ``out/logits.pt`` (``{"labels", "logits": {model key: (N, classes)}}``) and ``out/models.json``.
+
+    Args:
+        params: loaded params.
+        test: ``test.pt`` from prepare, or ``test.json`` (an image-folder index, streamed from ``images``).
+        model_dirs: method name (``rtn``, ``recon``, ...) -> folders of ``<config>.pt`` quantized models.
+        out: the output folder.
+        images: the image folder's root the index's paths are relative to (``test.json`` only).
+
+    Returns:
+        The model keys: ``fp`` and ``<method>/<config>`` for every quantized model.
+    """
+    base = section(params, "base", BaseConfig)
+    config = section(params, "predict", PredictConfig)
+    device = resolve_device(base.device)
+    files = _model_files(model_dirs)
+    if Path(test).suffix == ".json":
+        labels, logits, models = _streamed(base, config, device, Path(test), images, files)
+    else:
+        labels, logits, models = _in_memory(base, config, device, Path(test), files)
     with atomic_dir(out) as tmp:
-        atomic_save_torch({"labels": data.labels.clone(), "logits": logits}, tmp / LOGITS)
+        atomic_save_torch({"labels": labels, "logits": logits}, tmp / LOGITS)
         atomic_write_json(tmp / MODELS, models)
     return list(logits)
+
+
+Result = tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]
+
+
+def _in_memory(
+    base: BaseConfig, config: PredictConfig, device: torch.device, test: Path, files: list[tuple[str, Path]]
+) -> Result:
+    """A test split held in memory (``test.pt``): one model at a time over all of it."""
+    data = load_split(test)
+    batches = -(-len(data) // config.batch_size)
+    fp_model = load_fp_model(base).to(device)
+    logits = {"fp": predict_logits(fp_model, data, config.batch_size, normalize, device, _tracker(batches, "fp"))}
+    models: dict[str, Any] = {"fp": _fp_info(fp_model)}
+    for key, path in files:
+        model, _, qconfig = load_quant_file(path, build_model)
+        models[key] = _quant_info(model, qconfig, normalize(data.images[:1]))
+        freeze_weights(model)
+        logits[key] = predict_logits(
+            model.to(device), data, config.batch_size, normalize, device, _tracker(batches, key)
+        )
+    return data.labels.clone(), logits, models
+
+
+def _streamed(
+    base: BaseConfig,
+    config: PredictConfig,
+    device: torch.device,
+    test: Path,
+    images: Path | None,
+    files: list[tuple[str, Path]],
+) -> Result:
+    """An image-folder test set (``test.json``): decode each batch once and run every model on it."""
+    if images is None:
+        raise DataError(f"{test} is an image-folder index: pass the folder's root with --images")
+    if not test.is_file():
+        raise DataError(f"{test} not found; run the prepare stage first (dvc repro prepare)")
+    try:
+        raw = json.loads(test.read_text())
+        pre = raw["preprocess"]
+        resize, crop = int(pre["resize"]), int(pre["crop"])
+        mean, std = tuple(float(v) for v in pre["mean"]), tuple(float(v) for v in pre["std"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"{test} is not an image index with its preprocessing; rerun dvc repro prepare") from None
+    dataset = ImageFolderDataset(Path(images), ImageIndex.from_json(raw, str(test)), resize, crop)
+    example = normalize_channels(dataset[0][0][None], mean, std)
+    fp_model = load_fp_model(base)
+    models: dict[str, torch.nn.Module] = {"fp": fp_model}
+    info: dict[str, Any] = {"fp": _fp_info(fp_model)}
+    for key, path in files:
+        model, _, qconfig = load_quant_file(path, build_model)
+        info[key] = _quant_info(model, qconfig, example)
+        models[key] = freeze_weights(model)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=config.batch_size, shuffle=False, num_workers=config.workers
+    )
+    stream = ((normalize_channels(x, mean, std), y) for x, y in loader)
+    logits, labels = predict_logits_many(models, track(stream, len(loader), "predict"), device)
+    return labels, logits, info
+
+
+def _tracker(total: int, key: str) -> Callable[[Batches], Batches]:
+    def progress(stream: Batches) -> Batches:
+        return track(stream, total, f"predict {key}")
+
+    return progress
+
+
+def _fp_info(model: torch.nn.Module) -> dict[str, Any]:
+    return {"size_mb": _fp_size_mb(model), "weight_bits": 32, "act_bits": 32, "avg_weight_bits": 32}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -10,7 +10,7 @@ from torch import nn
 from ptqflow.data import LabelledImages, batches
 from ptqflow.quant.model import QuantModel
 
-__all__ = ["accuracy", "freeze_weights", "predict_logits"]
+__all__ = ["accuracy", "freeze_weights", "predict_logits", "predict_logits_many"]
 
 Preprocess = Callable[[torch.Tensor], torch.Tensor]
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
@@ -62,6 +62,29 @@ def freeze_weights(model: QuantModel) -> QuantModel:
             layer.layer.weight.copy_(layer.quantized_weight())
             layer.quantize_weight = False
     return model
+
+
+@torch.no_grad()
+def predict_logits_many(
+    models: Mapping[str, nn.Module], batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Logits of several models over one stream of preprocessed batches, each batch read once.
+
+    For test sets streamed from disk (image folders), where decoding costs more than a forward pass.
+
+    Returns:
+        ``({name: logits (N, classes)}, labels (N,))``, on the CPU, in stream order.
+    """
+    for model in models.values():
+        model.eval().to(device)
+    outputs: dict[str, list[torch.Tensor]] = {name: [] for name in models}
+    labels = []
+    for x, y in batches:
+        x = x.to(device)
+        for name, model in models.items():
+            outputs[name].append(model(x).float().cpu())
+        labels.append(y)
+    return {name: torch.cat(parts) for name, parts in outputs.items()}, torch.cat(labels)
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, topk: tuple[int, ...] = (1, 5)) -> dict[str, float]:

@@ -7,11 +7,20 @@
   shape use a 1x1 convolution + BN (the paper's option B).
 * ``mobilenetv2_s``: torchvision's ``MobileNetV2`` (Sandler et al., CVPR 2018) with a narrow
   inverted-residual table for 28x28 inputs and a 1-channel, stride-1 stem.
-* any classifier in ``torchvision.models`` by name, weights read from a local file -- never downloaded.
+* any classifier in ``torchvision.models`` by name (``torchvision.resnet18``), weights read from a local
+  file -- never downloaded. ``torchvision.regnet_x_600mf`` (in the BRECQ/QDrop tables, not shipped by
+  torchvision) is built from torchvision's ``RegNet`` class with the RegNetX-600MF design parameters of
+  Radosavovic et al., "Designing Network Design Spaces" (CVPR 2020): depth 16, w0 48, wa 36.97, wm 2.24,
+  group width 24 (stage widths 48/96/240/528, depths 1/3/5/7, 6.2 M parameters).
+* a user's own model from an entry point ``package.module:factory``: ``factory()`` is called without
+  arguments and must return an ``nn.Module``; the package must be importable (installed, or on
+  ``PYTHONPATH``).
 """
 
 from __future__ import annotations
 
+import importlib
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,6 +28,7 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models.mobilenetv2 import MobileNetV2
+from torchvision.models.regnet import BlockParams, RegNet
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import Conv2dNormActivation
 
@@ -27,12 +37,15 @@ from ptqflow.errors import ModelError
 __all__ = [
     "EMBEDDED_MODELS",
     "ResNetCifar",
+    "TORCHVISION_EXTRA_MODELS",
     "build_model",
     "load_state_dict_file",
     "load_weights",
     "mobilenetv2_s",
     "register_model",
+    "regnet_x_600mf",
     "resnet20",
+    "weights_hint",
 ]
 
 ModelFactory = Callable[[int, int], nn.Module]
@@ -123,21 +136,84 @@ def mobilenetv2_s(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
     return model
 
 
-def build_model(name: str, in_channels: int = 1, num_classes: int = 10) -> nn.Module:
-    """Build an embedded model or a torchvision classifier by name, randomly initialised.
+def regnet_x_600mf(num_classes: int = 1000) -> nn.Module:
+    """RegNetX-600MF (Radosavovic et al. 2020) from torchvision's ``RegNet`` class (see the module docstring)."""
+    params = BlockParams.from_init_params(depth=16, w_0=48, w_a=36.97, w_m=2.24, group_width=24)
+    return RegNet(params, num_classes=num_classes)
+
+
+#: torchvision-architecture models torchvision has no builder for: name -> factory(num_classes).
+TORCHVISION_EXTRA_MODELS: dict[str, Callable[[int], nn.Module]] = {"regnet_x_600mf": regnet_x_600mf}
+
+
+def build_model(name: str, in_channels: int = 1, num_classes: int | None = None) -> nn.Module:
+    """Build a model by name, randomly initialised.
+
+    Args:
+        name: an embedded model (``resnet20``), ``torchvision.<name>`` or an entry point
+            ``package.module:factory``.
+        in_channels: input channels of an embedded model.
+        num_classes: classes of an embedded (default 10) or torchvision (default 1000, ImageNet) model;
+            an entry point's factory takes no arguments and decides itself.
 
     Raises:
-        ModelError: the name is neither embedded nor a torchvision classification model.
+        ModelError: an unknown name, or an entry point that cannot be imported or does not build a module.
     """
+    if ":" in name:
+        return _from_entry_point(name)
     if name in EMBEDDED_MODELS:
-        return EMBEDDED_MODELS[name](in_channels, num_classes)
+        return EMBEDDED_MODELS[name](in_channels, 10 if num_classes is None else num_classes)
+    short = name.removeprefix("torchvision.")
+    classes = 1000 if num_classes is None else num_classes
+    if name.startswith("torchvision.") and short in TORCHVISION_EXTRA_MODELS:
+        return TORCHVISION_EXTRA_MODELS[short](classes)
     known = sorted(torchvision.models.list_models(module=torchvision.models))
-    if name.startswith("torchvision.") and name.removeprefix("torchvision.") in known:
-        return torchvision.models.get_model(name.removeprefix("torchvision."), weights=None, num_classes=num_classes)
+    if name.startswith("torchvision.") and short in known:
+        return torchvision.models.get_model(short, weights=None, num_classes=classes)
     raise ModelError(
-        f"unknown model {name!r}; allowed: {sorted(EMBEDDED_MODELS)} or 'torchvision.<name>' with <name> "
-        f"one of torchvision's classifiers (e.g. torchvision.resnet18)"
+        f"unknown model {name!r}; allowed: {sorted(EMBEDDED_MODELS)}, 'torchvision.<name>' with <name> "
+        f"one of torchvision's classifiers or {sorted(TORCHVISION_EXTRA_MODELS)} (e.g. torchvision.resnet18), "
+        "or an entry point 'package.module:factory'"
     )
+
+
+def _from_entry_point(spec: str) -> nn.Module:
+    """``package.module:factory`` -> ``factory()``, checked to be an ``nn.Module``."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr or ":" in attr:
+        raise ModelError(f"model entry point {spec!r} must look like 'package.module:factory'")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or whatever the module raises while importing
+        raise ModelError(
+            f"model entry point {spec!r}: cannot import {module_name!r} ({type(exc).__name__}: {exc}); "
+            "install the package or put its folder on PYTHONPATH"
+        ) from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelError(f"model entry point {spec!r}: module {module_name!r} has no callable {attr!r}")
+    try:
+        model = factory()
+    except Exception as exc:  # a user factory may raise anything
+        raise ModelError(f"model entry point {spec!r}: {attr}() raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model entry point {spec!r}: {attr}() returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def weights_hint(name: str) -> str:
+    """Where to get the FP weights of model ``name`` (used when the weights file is missing)."""
+    short = name.removeprefix("torchvision.")
+    if name.startswith("torchvision.") and short in TORCHVISION_EXTRA_MODELS:
+        return f"convert a pycls {short} checkpoint to torchvision RegNet state_dict keys (torchvision ships none)"
+    if name.startswith("torchvision."):
+        try:
+            weights = torchvision.models.get_model_weights(short)
+        except ValueError:
+            return "write its state_dict with torch.save"
+        entry = getattr(weights, "IMAGENET1K_V1", None) or weights.DEFAULT
+        return f"download {entry.url} (torchvision {type(entry).__name__}.{entry.name}; ptqflow never downloads)"
+    return "write its state_dict with torch.save"
 
 
 def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
@@ -162,15 +238,29 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
                 obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ModelError(f"weights file {path} does not hold a state_dict (a mapping of names to tensors)")
-    return {str(k).removeprefix("module."): v for k, v in obj.items()}
+    state = OrderedDict((str(k).removeprefix("module."), v) for k, v in obj.items())
+    metadata = getattr(obj, "_metadata", None)
+    if isinstance(metadata, dict):
+        # Per-module format versions (torch.save keeps them; MNASNet refuses to load without its own).
+        state._metadata = OrderedDict((str(k).removeprefix("module."), v) for k, v in metadata.items())  # type: ignore[attr-defined]
+    return state
 
 
-def load_weights(model: nn.Module, path: Path) -> nn.Module:
+def load_weights(model: nn.Module, path: Path, model_name: str | None = None) -> nn.Module:
     """Load a weights file into ``model`` strictly (every key, every shape).
 
+    Args:
+        model: the freshly built model.
+        path: the state_dict file.
+        model_name: the name ``model`` was built from; a missing file's error then says where to get it.
+
     Raises:
-        ModelError: the file is unusable or belongs to another architecture.
+        ModelError: the file is missing or unusable, or belongs to another architecture.
     """
+    if model_name is not None and not Path(path).is_file():
+        raise ModelError(
+            f"weights file not found: {path}; for {model_name}, {weights_hint(model_name)} and save it as {path}"
+        )
     state = load_state_dict_file(path)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -189,5 +279,13 @@ def load_weights(model: nn.Module, path: Path) -> nn.Module:
                 f"model {tuple(expected[k].shape)})"
             )
         raise ModelError(f"weights file {path} does not match the model architecture: {'; '.join(parts)}")
-    model.load_state_dict(state, strict=True)
+    if getattr(state, "_metadata", None) is None:
+        # Keys and shapes match this architecture exactly, so the file is in its current format.
+        state = OrderedDict(state)
+        state._metadata = getattr(expected, "_metadata", OrderedDict())  # type: ignore[attr-defined]
+    try:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"weights file {path} does not load into {type(model).__name__}: {first}") from None
     return model

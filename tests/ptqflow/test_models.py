@@ -74,3 +74,54 @@ def test_not_a_state_dict(tmp_path: Path) -> None:
     torch.save([1, 2, 3], tmp_path / "l.pt")
     with pytest.raises(ModelError, match="does not hold a state_dict"):
         load_state_dict_file(tmp_path / "l.pt")
+
+
+def test_entry_point_builds_a_users_module() -> None:
+    from user_models import UserNet
+
+    model = build_model("user_models:tiny_net")
+    assert isinstance(model, UserNet)
+    assert model.eval()(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("no_such_package.models:net", r"cannot import 'no_such_package.models' \(ModuleNotFoundError.*PYTHONPATH"),
+        ("user_models:missing", "has no callable 'missing'"),
+        ("user_models:not_a_module", r"returned list, not an nn.Module"),
+        ("user_models:raises", r"raises\(\) raised RuntimeError: no weights for you"),
+        ("user_models:", "must look like 'package.module:factory'"),
+        (":tiny_net", "must look like 'package.module:factory'"),
+    ],
+)
+def test_entry_point_errors_are_one_line(spec: str, message: str) -> None:
+    with pytest.raises(ModelError, match=message) as info:
+        build_model(spec)
+    assert "\n" not in str(info.value)
+
+
+def test_torchvision_models_default_to_imagenet_classes() -> None:
+    assert build_model("torchvision.resnet18").fc.out_features == 1000
+    assert build_model("torchvision.resnet18", num_classes=10).fc.out_features == 10
+    assert build_model("resnet20").fc.out_features == 10
+
+
+def test_regnet_x_600mf_has_the_published_design() -> None:
+    model = build_model("torchvision.regnet_x_600mf")
+    stages = list(model.trunk_output.children())
+    assert [len(s) for s in stages] == [1, 3, 5, 7]
+    assert [s[0].f.c[0].out_channels for s in stages] == [48, 96, 240, 528]
+    assert {s[0].f.b[0].in_channels // s[0].f.b[0].groups for s in stages} == {24}  # group width 24
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == 6.2
+
+
+def test_missing_torchvision_weights_say_where_to_get_them(tmp_path: Path) -> None:
+    path = tmp_path / "weights" / "resnet18.pth"
+    with pytest.raises(ModelError) as info:
+        load_weights(build_model("torchvision.resnet18"), path, "torchvision.resnet18")
+    message = str(info.value)
+    assert "\n" not in message and "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert f"save it as {path}" in message
+    with pytest.raises(ModelError, match="convert a pycls regnet_x_600mf checkpoint"):
+        load_weights(build_model("torchvision.regnet_x_600mf"), path, "torchvision.regnet_x_600mf")

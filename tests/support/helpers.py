@@ -88,3 +88,29 @@ class TinyMobileNet(nn.Module):
     @staticmethod
     def example_inputs(n: int = 4) -> torch.Tensor:
         return torch.randn(n, 3, 8, 8)
+
+
+def write_fake_image_folder(
+    root: Path, classes: int = 3, train_per_class: int = 4, val_per_class: int = 2, seed: int = 0
+) -> Path:
+    """An ImageNet-style folder ``root/{train,val}/<class>/<image>`` of small random images.
+
+    Sizes vary (24-48 px, non-square) and formats alternate between JPEG and PNG, with one grayscale
+    image, so the resize, crop and RGB conversion paths all run.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = root / split / f"n{c:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                h, w = int(rng.integers(24, 49)), int(rng.integers(24, 49))
+                if i == 1:
+                    image = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), mode="L")
+                else:
+                    image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), mode="RGB")
+                ext = "JPEG" if i % 2 == 0 else "png"
+                image.save(folder / f"img_{i:04d}.{ext}")
+    return root

@@ -4,7 +4,14 @@ Activation-quantizer placement follows BRECQ/QDrop (algorithms.md section 1.2): 
 quantized after its fused ReLU/ReLU6; inside a residual block the last conv and the shortcut conv are
 not output-quantized; the block output is quantized once, after add+ReLU (ResNet) or after the add
 (inverted residuals, which have no final activation). Each block's forward is written out here, so a
-torchvision block that reuses one ``ReLU`` module twice still gets one quantizer per use.
+torchvision block that reuses one ``ReLU`` module twice still gets one quantizer per use, and no
+in-place activation of the FP block can overwrite a tensor the quantized forward still needs.
+
+Registered blocks: ResNet ``BasicBlock``/``Bottleneck`` (He et al., CVPR 2016), MobileNetV2
+``InvertedResidual`` (Sandler et al., CVPR 2018), RegNet ``ResBottleneckBlock`` (Radosavovic et al.,
+CVPR 2020; RegNetX, i.e. without squeeze-excitation) and MNasNet ``_InvertedResidual`` (Tan et al.,
+CVPR 2019). BRECQ's code leaves the last one unmapped (algorithms.md section 8.7); QDrop maps it, and so
+do we.
 """
 
 from __future__ import annotations
@@ -16,7 +23,9 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models.mnasnet import _InvertedResidual as MnasInvertedResidual
 from torchvision.models.mobilenetv2 import InvertedResidual
+from torchvision.models.regnet import ResBottleneckBlock
 from torchvision.models.resnet import BasicBlock, Bottleneck
 from torchvision.ops.misc import Conv2dNormActivation
 
@@ -29,6 +38,8 @@ __all__ = [
     "QuantBottleneck",
     "QuantInvertedResidual",
     "QuantLayer",
+    "QuantMnasInvertedResidual",
+    "QuantResBottleneck",
     "QuantSegment",
     "QuantUnit",
     "build_quant_unit",
@@ -238,13 +249,126 @@ class QuantInvertedResidual(QuantUnit):
         return self.act_out(x + h if self.use_res_connect else h)
 
 
+def _conv_act_sequence(seq: nn.Module, owner: str) -> list[tuple[nn.Conv2d, type[nn.Module] | None]]:
+    """``(conv, activation type or None)`` per conv of a folded conv/BN/activation sequence, in order.
+
+    Folded BNs are ``nn.Identity`` and skipped; an activation attaches to the conv before it.
+
+    Raises:
+        ModelError: an unfolded BN, an unsupported activation or layer, or an activation with no conv.
+    """
+    found: list[tuple[nn.Conv2d, type[nn.Module] | None]] = []
+    for child in _flat_children(seq):
+        if isinstance(child, nn.Conv2d):
+            found.append((child, None))
+        elif type(child) in _ACTIVATIONS:
+            if not found or found[-1][1] is not None:
+                raise ModelError(f"{owner}: activation {type(child).__name__} does not follow a conv")
+            found[-1] = (found[-1][0], type(child))
+        elif not isinstance(child, nn.Identity):
+            raise ModelError(
+                f"unsupported layer {type(child).__name__} in {owner} (BN must be folded first; activations: "
+                f"{', '.join(t.__name__ for t in _ACTIVATIONS)})"
+            )
+    return found
+
+
+def _flat_children(module: nn.Module) -> Iterator[nn.Module]:
+    """Leaves of nested ``Sequential`` containers (e.g. ``Conv2dNormActivation``), in order."""
+    for child in module.children():
+        if isinstance(child, nn.Sequential):
+            yield from _flat_children(child)
+        else:
+            yield child
+
+
+class _ConvChain(QuantUnit):
+    """Shared body of blocks that are a chain of convs (each optionally followed by a quantized ReLU/ReLU6)."""
+
+    def _build_chain(
+        self, convs: list[tuple[nn.Conv2d, type[nn.Module] | None]], weight_bits: int, act_bits: int
+    ) -> None:
+        self.layers = nn.ModuleList()
+        self.acts = nn.ModuleList()
+        self._act_fns: list[Callable[[torch.Tensor], torch.Tensor] | None] = []
+        for conv, act in convs:
+            self.layers.append(QuantLayer(conv, weight_bits))
+            self.acts.append(ActQuantizer(act_bits) if act is not None else nn.Identity())
+            self._act_fns.append(_ACTIVATIONS[act] if act is not None else None)
+
+    def _chain(self, x: torch.Tensor) -> torch.Tensor:
+        for layer, quantizer, fn in zip(self.layers, self.acts, self._act_fns, strict=True):
+            x = layer(x)
+            if fn is not None:
+                x = quantizer(fn(x))
+        return x
+
+
+@register_quant_unit(ResBottleneckBlock)
+class QuantResBottleneck(_ConvChain):
+    """RegNetX ``ResBottleneckBlock``: ``a`` (1x1) and ``b`` (3x3, grouped) conv+ReLU, each output
+    quantized; ``c`` (1x1, linear); the ``proj`` shortcut conv when the shape changes; add, ReLU, output
+    quantized once (BRECQ/QDrop place RegNetX's block quantizer after add+ReLU, algorithms.md 1.2)."""
+
+    def __init__(self, block: nn.Module, weight_bits: int, act_bits: int) -> None:
+        super().__init__()
+        assert isinstance(block, ResBottleneckBlock)
+        names = list(block.f._modules)
+        if names != ["a", "b", "c"]:
+            raise ModelError(
+                f"ResBottleneckBlock with parts {names} is not supported (RegNetX only: a, b, c; RegNetY's "
+                "squeeze-excitation 'se' is not)"
+            )
+        convs = _conv_act_sequence(block.f, "ResBottleneckBlock.f")
+        if [a is not None for _, a in convs] != [True, True, False]:
+            raise ModelError("ResBottleneckBlock.f must be conv+act, conv+act, conv (a, b, c)")
+        if type(block.activation) not in _ACTIVATIONS:
+            raise ModelError(f"unsupported activation {type(block.activation).__name__} in ResBottleneckBlock")
+        self._build_chain(convs, weight_bits, act_bits)
+        self._out_fn = _ACTIVATIONS[type(block.activation)]
+        shortcut = _conv_of(block.proj)
+        self.proj = QuantLayer(shortcut, weight_bits) if shortcut is not None else None
+        self.act_out = ActQuantizer(act_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = self.proj(x) if self.proj is not None else x
+        return self.act_out(self._out_fn(identity + self._chain(x)))
+
+
+@register_quant_unit(MnasInvertedResidual)
+class QuantMnasInvertedResidual(_ConvChain):
+    """MNasNet ``_InvertedResidual``: pointwise and depthwise conv+ReLU (each output quantized), linear
+    pointwise conv, residual add when the shape allows; the block output is quantized once, after the add
+    or after the last conv when there is no residual (QDrop's mapping; BRECQ leaves it layer-wise)."""
+
+    def __init__(self, block: nn.Module, weight_bits: int, act_bits: int) -> None:
+        super().__init__()
+        assert isinstance(block, MnasInvertedResidual)
+        self.apply_residual = bool(block.apply_residual)
+        convs = _conv_act_sequence(block.layers, "MNasNet _InvertedResidual")
+        if not convs or convs[-1][1] is not None:
+            raise ModelError("MNasNet _InvertedResidual must end in a linear (activation-free) conv")
+        self._build_chain(convs, weight_bits, act_bits)
+        self.act_out = ActQuantizer(act_bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self._chain(x)
+        return self.act_out(h + x if self.apply_residual else h)
+
+
 _ACT_FUNCTIONS = {F.relu, F.relu6, torch.relu, torch.nn.functional.hardtanh}
+
+
+#: Modules that keep an already quantized tensor on its grid (max-pooling picks grid values).
+_GRID_PRESERVING = (nn.MaxPool2d, nn.Identity, nn.Dropout, nn.Flatten)
 
 
 class QuantSegment(QuantUnit):
     """A stem, head or glue segment (an fx GraphModule): every conv/linear quantized, an activation
     quantizer after every ReLU/ReLU6 use (so a stem ending in ReLU has its output quantized; logits,
-    which come from a linear layer, never are)."""
+    which come from a linear layer, never are). A stem or glue segment whose output is not already a
+    quantized activation (MNasNet's stem ends in a linear 1x1 conv) gets one more quantizer, ``act_out``,
+    on its output, as BRECQ/QDrop quantize every layer output outside a block."""
 
     def __init__(self, segment: torch.fx.GraphModule, kind: str, weight_bits: int, act_bits: int) -> None:
         super().__init__()
@@ -266,8 +390,32 @@ class QuantSegment(QuantUnit):
                 with gm.graph.inserting_after(node):
                     quantized = gm.graph.call_module(name, (node,))
                 node.replace_all_uses_with(quantized, delete_user_cb=lambda user, q=quantized: user is not q)
+        if kind != "head" and _ends_in_unquantized_conv(gm):
+            gm.add_submodule("act_out", ActQuantizer(act_bits))
+            (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+            (result,) = output.all_input_nodes
+            with gm.graph.inserting_before(output):
+                quantized = gm.graph.call_module("act_out", (result,))
+            output.replace_input_with(result, quantized)
         gm.recompile()
         self.segment = gm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.segment(x)
+
+
+def _ends_in_unquantized_conv(gm: torch.fx.GraphModule) -> bool:
+    """Whether the segment's output is a conv's, reached through grid-preserving modules only.
+
+    An output that is already a quantizer's, a linear layer's (logits) or anything else's is left alone.
+    """
+    (output,) = [n for n in gm.graph.nodes if n.op == "output"]
+    node = output.all_input_nodes[0] if len(output.all_input_nodes) == 1 else None
+    while node is not None and node.op == "call_module" and len(node.all_input_nodes) == 1:
+        module = gm.get_submodule(str(node.target))
+        if isinstance(module, QuantLayer):
+            return isinstance(module.layer, nn.Conv2d)
+        if not isinstance(module, _GRID_PRESERVING):
+            return False
+        node = node.all_input_nodes[0]
+    return False
