@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ptqflow.atomic import atomic_save_torch, atomic_write_json
+from ptqflow.atomic import atomic_dir, atomic_save_torch, atomic_write_json
 from ptqflow.data import LabelledImages, draw_calibration, load_fashion_mnist, sha256_of_array
 from ptqflow.errors import ConfigError
 from stages.params import section
@@ -44,7 +44,7 @@ def _describe(data: LabelledImages) -> dict[str, Any]:
 
 
 def run(params: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """Write ``calibration.pt``, ``test.pt`` and ``manifest.json`` into ``out_dir``."""
+    """Write ``calibration.pt``, ``test.pt`` and ``manifest.json`` into ``out_dir`` (replaced as a whole)."""
     config = section(params, "prepare", PrepareConfig)
     root = Path(config.data_root)
     train = load_fashion_mnist(root, "train")
@@ -60,7 +60,8 @@ def run(params: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "calibration": {"split": "train", "seed": config.seed, "indices": indices.tolist(), **_describe(calib)},
         "test": {"split": "test", **_describe(test)},
     }
-    atomic_save_torch({"images": calib.images, "labels": calib.labels, "indices": indices}, out_dir / "calibration.pt")
-    atomic_save_torch({"images": test.images, "labels": test.labels}, out_dir / "test.pt")
-    atomic_write_json(out_dir / "manifest.json", manifest)
+    with atomic_dir(out_dir) as tmp:  # the folder appears whole or not at all
+        atomic_save_torch({"images": calib.images, "labels": calib.labels, "indices": indices}, tmp / "calibration.pt")
+        atomic_save_torch({"images": test.images, "labels": test.labels}, tmp / "test.pt")
+        atomic_write_json(tmp / "manifest.json", manifest)
     return manifest
