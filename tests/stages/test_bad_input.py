@@ -262,6 +262,7 @@ CASES = [
     # out of range: bits
     Case("weight-bits-0", "quantize", "quantize.bits.x.weight_bits must be an integer in 2..8, got 0", {"quantize": {"bits": {"x": {**W, "weight_bits": 0}}}}),
     Case("weight-bits-1", "quantize", "quantize.bits.x.weight_bits must be an integer in 2..8, got 1", {"quantize": {"bits": {"x": {**W, "weight_bits": 1}}}}),
+    Case("weight-bits-9", "quantize", "quantize.bits.x.weight_bits must be an integer in 2..8, got 9", {"quantize": {"bits": {"x": {**W, "weight_bits": 9}}}}),
     Case("act-bits-9", "quantize", "quantize.bits.x.act_bits must be an integer in 2..8, got 9", {"quantize": {"bits": {"x": {**W, "act_bits": 9}}}}),
     Case("act-bits-3.5", "quantize", "quantize.bits.x.act_bits must be an integer, got 3.5", {"quantize": {"bits": {"x": {**W, "act_bits": 3.5}}}}),
     Case("first-last-bits-1", "quantize", "quantize.first_last_weight_bits must be an integer in 2..8, got 1", {"quantize": {"first_last_weight_bits": 1}}),
@@ -454,6 +455,7 @@ def test_bad_input(case: Case, workspace: Path, tmp_path: Path) -> None:
     assert case.expect.replace("{case}", str(case_dir)) in lines[0], out
     assert "Traceback" not in out
     assert _snapshot(case_dir) == before, "a file was written or changed"
+    assert not [p for p in case_dir.rglob(".*") if p.name.endswith((".tmp", ".old"))], "temporaries left behind"
     assert _snapshot(workspace) == ws_before, "an input was changed"
     for output in OUTPUTS[case.stage]:
         assert not (case_dir / output).exists(), output

@@ -1,6 +1,8 @@
 """Every stage killed with SIGKILL at seeded random points, as the real ``ptqflow`` command.
 
-After each kill, every declared output of the stage is either absent or complete and byte-identical
+The uninterrupted reference and the reruns go through click in-process (the same ``ptqflow`` entry point
+without another interpreter start-up: the kill tests are dominated by start-up time); the runs that get
+killed are real subprocesses. After each kill, every declared output of the stage is either absent or complete and byte-identical
 to an uninterrupted run's (never half-written), and rerunning the stage ends with the uninterrupted
 run's bytes and leaves no temporary files behind. A killed ``reconstruct`` resumes from its resume
 folder (``data/reconstruct.resume``) and still ends byte-identical.
@@ -22,9 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from click.testing import CliRunner
 from helpers import write_fake_fashion_mnist
 
 from ptqflow.models import build_model
+from stages.cli import cli
 
 PTQFLOW = str(Path(sys.executable).parent / "ptqflow")
 
@@ -98,18 +102,27 @@ def start(ws: Path, stage: str) -> subprocess.Popen[str]:
 
 
 def run(ws: Path, stage: str) -> str:
-    proc = start(ws, stage)
-    out, _ = proc.communicate()
-    assert proc.returncode == 0, f"ptqflow {stage} failed:\n{out}"
-    return out
+    """Run a stage in-process (cwd = the workspace); return its log."""
+    cwd = Path.cwd()
+    os.chdir(ws)
+    try:
+        result = CliRunner().invoke(cli, [stage, *STAGES[stage][0]])
+    finally:
+        os.chdir(cwd)
+    assert result.exit_code == 0, f"ptqflow {stage} failed:\n{result.output}"
+    return result.output
+
+
+def started_writing(ws: Path, stage: str) -> bool:
+    """A temporary beside one of the stage's outputs exists (its atomic write has begun)."""
+    return bool(litter(ws, stage))
 
 
 @dataclass
 class Reference:
-    """An uninterrupted run: the workspace, per-stage wall seconds and output digests."""
+    """An uninterrupted run: the workspace, per-stage wall seconds (in-process) and output digests."""
 
     ws: Path
-    startup: float
     seconds: dict[str, float] = field(default_factory=dict)
     hashes: dict[str, str | None] = field(default_factory=dict)
 
@@ -125,12 +138,10 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
     params["prepare"].update(data_root=str(data_root), calib_size=32)
     params["features"].update(batch_size=8, chunk_size=4, shard_size=8)
     params["quantize"].update(calib_size=16, batch_size=16)
-    params["reconstruct"].update(targets=["w2a4", "w4a4"], iters=10, act_iters=2, batch_size=8)
+    params["reconstruct"].update(targets=["w2a4", "w4a4"], iters=5, act_iters=2, batch_size=8)
     params["evaluate"].update(batch_size=10)
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    began = time.perf_counter()
-    subprocess.run([PTQFLOW, "--version"], check=True, capture_output=True)
-    ref = Reference(ws, startup=time.perf_counter() - began)
+    ref = Reference(ws)
     for stage in STAGES:
         began = time.perf_counter()
         run(ws, stage)
@@ -144,16 +155,20 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Reference:
 
 @dataclass
 class Trial:
+    """Kill the stage ``delay`` s after its first temporary output appears (or, with ``early``, that long
+    after launch, which mostly lands in start-up and input loading)."""
+
     stage: str
     delay: float
     fresh: bool  # outputs removed before the run (else a previous complete output is being replaced)
+    early: bool = False
     killed: bool = False
-    partial_outputs: int = 0  # outputs present after the kill (each must be complete)
+    outputs_present: int = 0  # outputs present after the kill (each must be complete)
     resumed: bool = False
 
 
 def kill_and_rerun(ref: Reference, trial: Trial) -> Trial:
-    """One kill: start the stage, SIGKILL it after ``trial.delay`` s, check, rerun, check."""
+    """One kill: start the stage, SIGKILL it at the trial's point, check, rerun, check."""
     ws = ref.ws
     outputs = STAGES[trial.stage][1]
     if trial.fresh:
@@ -161,14 +176,18 @@ def kill_and_rerun(ref: Reference, trial: Trial) -> Trial:
             path = ws / out
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     proc = start(ws, trial.stage)
+    deadline = time.monotonic() + 300
+    while not trial.early and not started_writing(ws, trial.stage) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
     time.sleep(trial.delay)
     trial.killed = proc.poll() is None
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     for out in outputs:
         now = digest(ws / out)
-        assert now in (None, ref.hashes[out]), f"{out} half-written after a kill at {trial.delay:.2f}s"
-        trial.partial_outputs += now is not None
+        assert now in (None, ref.hashes[out]), f"{out} half-written: {trial}"
+        trial.outputs_present += now is not None
     resumable = any((ws / RESUME).rglob("state.pt")) if trial.stage == "reconstruct" else False
 
     log = run(ws, trial.stage)
@@ -176,25 +195,26 @@ def kill_and_rerun(ref: Reference, trial: Trial) -> Trial:
     trial.resumed = "resuming at step" in log
     assert trial.resumed == resumable, log
     for out in outputs:
-        assert digest(ws / out) == ref.hashes[out], f"{out} differs after the rerun (kill at {trial.delay:.2f}s)"
-    assert litter(ws, trial.stage) == [], "temporary files left behind"
+        assert digest(ws / out) == ref.hashes[out], f"{out} differs after the rerun: {trial}"
+    assert litter(ws, trial.stage) == [], f"temporary files left behind: {trial}"
     assert not (ws / RESUME).exists()
     return trial
 
 
 def trials(seed: int, per_stage: int, ref: Reference) -> list[Trial]:
-    """Seeded kill times from half the interpreter start-up to just past the stage's uninterrupted time."""
+    """Seeded kill points: up to the stage's uninterrupted in-process time after writing starts; one
+    trial in four is killed that long after launch instead."""
     rng = random.Random(seed)
     return [
-        Trial(stage, rng.uniform(0.5 * ref.startup, 1.05 * ref.seconds[stage]), rng.random() < 0.5)
+        Trial(stage, rng.uniform(0, ref.seconds[stage]), fresh=rng.random() < 0.5, early=rng.random() < 0.25)
         for _ in range(per_stage)
         for stage in STAGES
     ]
 
 
 def test_kill_each_stage_once(reference: Reference) -> None:
-    done = [kill_and_rerun(reference, t) for t in trials(0, 1, reference)]
-    assert sum(t.killed for t in done) >= 3, done  # most kills land while the stage runs
+    done = [kill_and_rerun(reference, Trial(stage, 0.0, fresh=i % 2 == 0)) for i, stage in enumerate(STAGES)]
+    assert sum(t.killed for t in done) >= 3, done  # evaluate and prepare may finish their tiny writes first
 
 
 def test_killed_reconstruct_resumes_byte_identical(reference: Reference) -> None:
@@ -203,7 +223,7 @@ def test_killed_reconstruct_resumes_byte_identical(reference: Reference) -> None
     proc = start(ws, "reconstruct")
     deadline = time.monotonic() + 120
     while not any((ws / RESUME).rglob("state.pt")) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
+        time.sleep(0.005)
     assert proc.poll() is None, "reconstruct finished before its first checkpoint could be seen"
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
@@ -221,9 +241,9 @@ def test_kill_every_stage_25_times(reference: Reference) -> None:
     summary = {
         "trials": len(done),
         "killed while running": len(killed),
-        "outputs present after a kill (all complete)": sum(t.partial_outputs for t in done),
+        "outputs present after a kill (all complete)": sum(t.outputs_present for t in done),
         "reconstruct resumed": sum(t.resumed for t in done),
     }
     print(summary)
-    assert len(done) >= 20 and len(killed) >= 15, summary
+    assert len(done) >= 20 and len(killed) >= 10, summary
     assert summary["reconstruct resumed"] >= 1, summary
