@@ -70,7 +70,9 @@ def main() -> None:
             times[name].append(time.perf_counter() - began)
 
     store = FeatureStore.open(args.store)
-    decoded = sum(int(np.prod(spec["shape"])) * np.dtype(spec["dtype"]).itemsize for spec in store.meta["arrays"].values())
+    decoded = sum(
+        int(np.prod(spec["shape"])) * np.dtype(spec["dtype"]).itemsize for spec in store.meta["arrays"].values()
+    )
     on_disk = sum(p.stat().st_size for p in args.store.rglob("*") if p.is_file())
     shards = sum(len(v) for v in store.meta["checksums"].values())
     print(f"store {args.store}: {store.num_samples} samples, {len(store.meta['arrays'])} arrays, {shards} shards, ")

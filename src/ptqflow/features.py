@@ -272,6 +272,10 @@ class FeatureStore:
                 f"feature store {self.path}: array {key} {what} cannot be decoded ({type(exc).__name__}); {_RERUN}"
             ) from None
 
+    def _decode_shard(self, key: str, shard: int) -> np.ndarray:
+        a, b = self._bounds(shard)
+        return self._decode(key, f"shard {shard}", lambda: self._arrays[key][a:b])
+
     def _check_shard(self, key: str, shard: int, block: np.ndarray) -> None:
         if hashlib.sha256(np.ascontiguousarray(block).tobytes()).hexdigest() != self._checksums[key][shard]:
             raise StoreError(f"feature store {self.path}: array {key} shard {shard} fails its checksum; {_RERUN}")
@@ -312,8 +316,7 @@ class FeatureStore:
             if idx.size and (idx.min() < 0 or idx.max() >= n):
                 raise StoreError(f"sample index out of range for feature store {self.path} ({n} samples)")
             for s in sorted({int(i) // size for i in idx.tolist()} - self._verified[key]):
-                a, b = self._bounds(s)
-                self._check_shard(key, s, self._decode(key, f"shard {s}", lambda a=a, b=b: array[a:b]))
+                self._check_shard(key, s, self._decode_shard(key, s))
             data = self._decode(key, "selection", lambda: array.get_orthogonal_selection((idx,)))
         return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
 
@@ -331,10 +334,8 @@ class FeatureStore:
             StoreError: a shard cannot be decoded or does not match (names the array and shard).
         """
         for key, sums in self._checksums.items():
-            array = self._arrays[key]
             for i in range(len(sums)):
-                a, b = self._bounds(i)
-                self._check_shard(key, i, self._decode(key, f"shard {i}", lambda a=a, b=b: array[a:b]))
+                self._check_shard(key, i, self._decode_shard(key, i))
 
 
 def extract_features(

@@ -239,103 +239,161 @@ W = {"weight_bits": 4, "act_bits": 4}
 CASES = [
     # params file: syntax and shape
     Case("empty-params", "prepare", "is empty; it needs the sections", ""),
-    Case("yaml-syntax", "prepare", "params.yaml: YAML syntax error at line 3, column 1", "base:\n  model: [resnet20\n"),
+    Case("yaml-syntax", "prepare", "params.yaml: YAML syntax error at line 3, column 1",
+         "base:\n  model: [resnet20\n"),
     Case("yaml-tab", "prepare", "YAML syntax error", "prepare:\n\tcalib_size: 3\n"),
     Case("params-a-list", "prepare", "must be a mapping of sections, got list", "- prepare\n"),
     Case("unknown-section", "prepare", "unknown section; did you mean 'prepare'?", "prepair: {}\n"),
     Case("params-missing", "prepare", "params file not found", setup=missing("--params", "none.yaml")),
     Case("section-a-list", "prepare", "prepare must be a mapping of keys", {"prepare": [1, 2]}),
     # unknown keys
-    Case("unknown-key", "prepare", "unknown key prepare.calib_sise; did you mean 'calib_size'?", {"prepare": {"calib_sise": 3}}),
-    Case("unknown-key-base", "features", "unknown key base.modle; did you mean 'model'?", {"base": {"modle": "resnet20"}}),
-    Case("unknown-key-recon", "reconstruct", "unknown key reconstruct.drop_prob; did you mean 'keep_prob'?", {"reconstruct": {"drop_prob": 0.5}}),
-    Case("unknown-key-bits", "quantize", "unknown key quantize.bits.x.wbits", {"quantize": {"bits": {"x": {"wbits": 4, "act_bits": 4}}}}),
+    Case("unknown-key", "prepare", "unknown key prepare.calib_sise; did you mean 'calib_size'?",
+         {"prepare": {"calib_sise": 3}}),
+    Case("unknown-key-base", "features", "unknown key base.modle; did you mean 'model'?",
+         {"base": {"modle": "resnet20"}}),
+    Case("unknown-key-recon", "reconstruct", "unknown key reconstruct.drop_prob; did you mean 'keep_prob'?",
+         {"reconstruct": {"drop_prob": 0.5}}),
+    Case("unknown-key-bits", "quantize", "unknown key quantize.bits.x.wbits",
+         {"quantize": {"bits": {"x": {"wbits": 4, "act_bits": 4}}}}),
     # wrong types
-    Case("int-as-string", "prepare", "prepare.calib_size must be an integer, got 'many'", {"prepare": {"calib_size": "many"}}),
-    Case("int-as-float", "prepare", "prepare.calib_size must be an integer, got 2.5", {"prepare": {"calib_size": 2.5}}),
-    Case("int-as-bool", "prepare", "prepare.calib_size must be an integer, got True", {"prepare": {"calib_size": True}}),
+    Case("int-as-string", "prepare", "prepare.calib_size must be an integer, got 'many'",
+         {"prepare": {"calib_size": "many"}}),
+    Case("int-as-float", "prepare", "prepare.calib_size must be an integer, got 2.5",
+         {"prepare": {"calib_size": 2.5}}),
+    Case("int-as-bool", "prepare", "prepare.calib_size must be an integer, got True",
+         {"prepare": {"calib_size": True}}),
     Case("float-as-string", "quantize", "quantize.p must be a number, got 'two'", {"quantize": {"p": "two"}}),
-    Case("bool-as-string", "reconstruct", "reconstruct.lsq_grad_scale must be true or false", {"reconstruct": {"lsq_grad_scale": "yes"}}),
-    Case("list-as-string", "reconstruct", "reconstruct.targets must be a list, got 'w2a4'", {"reconstruct": {"targets": "w2a4"}}),
+    Case("bool-as-string", "reconstruct", "reconstruct.lsq_grad_scale must be true or false",
+         {"reconstruct": {"lsq_grad_scale": "yes"}}),
+    Case("list-as-string", "reconstruct", "reconstruct.targets must be a list, got 'w2a4'",
+         {"reconstruct": {"targets": "w2a4"}}),
     Case("mapping-as-list", "quantize", "quantize.bits must be a mapping", {"quantize": {"bits": [4, 4]}}),
     Case("string-as-int", "features", "base.model must be a string, got 20", {"base": {"model": 20}}),
     # out of range: bits
-    Case("weight-bits-0", "quantize", "quantize.bits.x.weight_bits must be an integer in 2..8, got 0", {"quantize": {"bits": {"x": {**W, "weight_bits": 0}}}}),
-    Case("weight-bits-1", "quantize", "quantize.bits.x.weight_bits must be an integer in 2..8, got 1", {"quantize": {"bits": {"x": {**W, "weight_bits": 1}}}}),
-    Case("weight-bits-9", "quantize", "quantize.bits.x.weight_bits must be an integer in 2..8, got 9", {"quantize": {"bits": {"x": {**W, "weight_bits": 9}}}}),
-    Case("act-bits-9", "quantize", "quantize.bits.x.act_bits must be an integer in 2..8, got 9", {"quantize": {"bits": {"x": {**W, "act_bits": 9}}}}),
-    Case("act-bits-3.5", "quantize", "quantize.bits.x.act_bits must be an integer, got 3.5", {"quantize": {"bits": {"x": {**W, "act_bits": 3.5}}}}),
-    Case("first-last-bits-1", "quantize", "quantize.first_last_weight_bits must be an integer in 2..8, got 1", {"quantize": {"first_last_weight_bits": 1}}),
-    Case("bits-required", "quantize", "quantize.bits.x.act_bits is required", {"quantize": {"bits": {"x": {"weight_bits": 4}}}}),
-    Case("bits-name", "quantize", "quantize.bits.a/b: names may hold letters, digits", {"quantize": {"bits": {"a/b": W}}}),
+    Case("weight-bits-0", "quantize", "quantize.bits.x.weight_bits must be an integer in 2..8, got 0",
+         {"quantize": {"bits": {"x": {**W, "weight_bits": 0}}}}),
+    Case("weight-bits-1", "quantize", "quantize.bits.x.weight_bits must be an integer in 2..8, got 1",
+         {"quantize": {"bits": {"x": {**W, "weight_bits": 1}}}}),
+    Case("weight-bits-9", "quantize", "quantize.bits.x.weight_bits must be an integer in 2..8, got 9",
+         {"quantize": {"bits": {"x": {**W, "weight_bits": 9}}}}),
+    Case("act-bits-9", "quantize", "quantize.bits.x.act_bits must be an integer in 2..8, got 9",
+         {"quantize": {"bits": {"x": {**W, "act_bits": 9}}}}),
+    Case("act-bits-3.5", "quantize", "quantize.bits.x.act_bits must be an integer, got 3.5",
+         {"quantize": {"bits": {"x": {**W, "act_bits": 3.5}}}}),
+    Case("first-last-bits-1", "quantize", "quantize.first_last_weight_bits must be an integer in 2..8, got 1",
+         {"quantize": {"first_last_weight_bits": 1}}),
+    Case("bits-required", "quantize", "quantize.bits.x.act_bits is required",
+         {"quantize": {"bits": {"x": {"weight_bits": 4}}}}),
+    Case("bits-name", "quantize", "quantize.bits.a/b: names may hold letters, digits",
+         {"quantize": {"bits": {"a/b": W}}}),
     Case("bits-empty", "quantize", "quantize.bits must name at least one configuration", {"quantize": {"bits": {}}}),
     # out of range: other keys
-    Case("keep-prob-1.5", "reconstruct", "reconstruct.keep_prob must be in [0, 1], got 1.5", {"reconstruct": {"keep_prob": 1.5}}),
-    Case("keep-prob-neg", "reconstruct", "reconstruct.keep_prob must be in [0, 1], got -0.1", {"reconstruct": {"keep_prob": -0.1}}),
+    Case("keep-prob-1.5", "reconstruct", "reconstruct.keep_prob must be in [0, 1], got 1.5",
+         {"reconstruct": {"keep_prob": 1.5}}),
+    Case("keep-prob-neg", "reconstruct", "reconstruct.keep_prob must be in [0, 1], got -0.1",
+         {"reconstruct": {"keep_prob": -0.1}}),
     Case("iters-neg", "reconstruct", "reconstruct.iters must be >= 1, got -5", {"reconstruct": {"iters": -5}}),
     Case("act-iters-0", "reconstruct", "reconstruct.act_iters must be >= 1, got 0", {"reconstruct": {"act_iters": 0}}),
     Case("lr-0", "reconstruct", "reconstruct.weight_lr must be > 0, got 0.0", {"reconstruct": {"weight_lr": 0}}),
     Case("warmup-1", "reconstruct", "reconstruct.warmup must be in [0, 1), got 1.0", {"reconstruct": {"warmup": 1}}),
-    Case("beta-order", "reconstruct", "reconstruct.need beta_start >= beta_end > 0", {"reconstruct": {"beta_start": 1, "beta_end": 2}}),
+    Case("beta-order", "reconstruct", "reconstruct.need beta_start >= beta_end > 0",
+         {"reconstruct": {"beta_start": 1, "beta_end": 2}}),
     Case("calib-size-0", "prepare", "prepare.calib_size must be >= 1, got 0", {"prepare": {"calib_size": 0}}),
     Case("calib-size-neg", "prepare", "prepare.calib_size must be >= 1, got -1", {"prepare": {"calib_size": -1}}),
-    Case("calib-above-dataset", "prepare", "prepare.calib_size must be in [1, 48] (the train split's size), got 49", {"prepare": {"calib_size": 49}}),
+    Case("calib-above-dataset", "prepare", "prepare.calib_size must be in [1, 48] (the train split's size), got 49",
+         {"prepare": {"calib_size": 49}}),
     Case("batch-size-0", "features", "features.batch_size must be >= 1, got 0", {"features": {"batch_size": 0}}),
-    Case("shard-not-multiple", "features", "features.shard_size must be a multiple of chunk_size", {"features": {"shard_size": 10}}),
+    Case("shard-not-multiple", "features", "features.shard_size must be a multiple of chunk_size",
+         {"features": {"shard_size": 10}}),
     Case("eval-batch-0", "evaluate", "evaluate.batch_size must be >= 1, got 0", {"evaluate": {"batch_size": 0}}),
     Case("quant-calib-0", "quantize", "quantize.calib_size must be >= 1, got 0", {"quantize": {"calib_size": 0}}),
     Case("quant-p-5", "quantize", "quantize.p must be in [1, 4], got 5.0", {"quantize": {"p": 5}}),
     # enumerations
-    Case("device", "features", "base.device must be one of 'auto', 'cpu', 'cuda'; got 'tpu'", {"base": {"device": "tpu"}}),
-    Case("dtype", "features", "features.dtype must be one of 'float32', 'float16'; got 'int8'", {"features": {"dtype": "int8"}}),
-    Case("convention", "quantize", "quantize.convention must be one of 'brecq', 'qdrop'", {"quantize": {"convention": "mqbench"}}),
-    Case("method", "reconstruct", "reconstruct.method must be one of 'brecq', 'qdrop'; got 'adaquant'", {"reconstruct": {"method": "adaquant"}}),
-    Case("granularity", "reconstruct", "reconstruct.granularity must be one of 'block', 'stage', 'net'", {"reconstruct": {"granularity": "layer"}}),
+    Case("device", "features", "base.device must be one of 'auto', 'cpu', 'cuda'; got 'tpu'",
+         {"base": {"device": "tpu"}}),
+    Case("dtype", "features", "features.dtype must be one of 'float32', 'float16'; got 'int8'",
+         {"features": {"dtype": "int8"}}),
+    Case("convention", "quantize", "quantize.convention must be one of 'brecq', 'qdrop'",
+         {"quantize": {"convention": "mqbench"}}),
+    Case("method", "reconstruct", "reconstruct.method must be one of 'brecq', 'qdrop'; got 'adaquant'",
+         {"reconstruct": {"method": "adaquant"}}),
+    Case("granularity", "reconstruct", "reconstruct.granularity must be one of 'block', 'stage', 'net'",
+         {"reconstruct": {"granularity": "layer"}}),
     Case("loss", "reconstruct", "reconstruct.loss must be one of 'mse', 'fisher'", {"reconstruct": {"loss": "l1"}}),
-    Case("targets-empty", "reconstruct", "reconstruct.targets must name at least one", {"reconstruct": {"targets": []}}),
-    Case("target-unknown", "reconstruct", "reconstruct.targets: 'w3a3' is not a quantize.bits entry; allowed: ['w2a4', 'w4a4']", {"reconstruct": {"targets": ["w3a3"]}}),
-    Case("target-path", "reconstruct", "reconstruct.targets: '../w2a4' is not a quantize.bits entry", {"reconstruct": {"targets": ["../w2a4"]}}),
+    Case("targets-empty", "reconstruct", "reconstruct.targets must name at least one",
+         {"reconstruct": {"targets": []}}),
+    Case("target-unknown", "reconstruct",
+         "reconstruct.targets: 'w3a3' is not a quantize.bits entry; allowed: ['w2a4', 'w4a4']",
+         {"reconstruct": {"targets": ["w3a3"]}}),
+    Case("target-path", "reconstruct", "reconstruct.targets: '../w2a4' is not a quantize.bits entry",
+         {"reconstruct": {"targets": ["../w2a4"]}}),
     # models and weights
-    Case("model-unknown", "features", "unknown model 'resnet99'; allowed: ['mobilenetv2_s', 'resnet20'] or 'torchvision.<name>'", {"base": {"model": "resnet99"}}),
-    Case("model-torchvision-unknown", "evaluate", "unknown model 'torchvision.resnet7'", {"base": {"model": "torchvision.resnet7"}}),
+    Case("model-unknown", "features",
+         "unknown model 'resnet99'; allowed: ['mobilenetv2_s', 'resnet20'] or 'torchvision.<name>'",
+         {"base": {"model": "resnet99"}}),
+    Case("model-torchvision-unknown", "evaluate", "unknown model 'torchvision.resnet7'",
+         {"base": {"model": "torchvision.resnet7"}}),
     Case("weights-missing", "features", "weights file not found: ", {"base": {"weights": "{case}/none.pt"}}),
-    Case("weights-wrong-arch", "features", "does not match the model architecture: ", {"base": {"weights": "{case}/w.pt"}}, mobilenet_weights),
-    Case("weights-garbage", "quantize", "weights file {case}/w.pt cannot be loaded safely", {"base": {"weights": "{case}/w.pt"}}, garbage_file("w.pt")),
-    Case("weights-not-state-dict", "evaluate", "does not hold a state_dict", {"base": {"weights": "{case}/w.pt"}}, tensor_list),
+    Case("weights-wrong-arch", "features", "does not match the model architecture: ",
+         {"base": {"weights": "{case}/w.pt"}}, mobilenet_weights),
+    Case("weights-garbage", "quantize", "weights file {case}/w.pt cannot be loaded safely",
+         {"base": {"weights": "{case}/w.pt"}}, garbage_file("w.pt")),
+    Case("weights-not-state-dict", "evaluate", "does not hold a state_dict",
+         {"base": {"weights": "{case}/w.pt"}}, tensor_list),
     # dataset files
-    Case("data-root-missing", "prepare", "dataset file not found: /nonexistent/fm/train-images-idx3-ubyte.gz", {"prepare": {"data_root": "/nonexistent/fm"}}),
-    Case("idx-missing", "prepare", "dataset file not found: {case}/fm/t10k-images-idx3-ubyte.gz", {"prepare": {"data_root": "{case}/fm"}}, missing_idx),
-    Case("idx-truncated", "prepare", "train-images-idx3-ubyte.gz is truncated or padded", {"prepare": {"data_root": "{case}/fm"}}, truncated_idx),
-    Case("idx-not-gzip", "prepare", "t10k-labels-idx1-ubyte.gz is not a readable gzip file", {"prepare": {"data_root": "{case}/fm"}}, not_gzip_idx),
-    Case("idx-cut-gzip", "prepare", "train-labels-idx1-ubyte.gz is not a readable gzip file", {"prepare": {"data_root": "{case}/fm"}}, cut_gzip),
-    Case("idx-count-mismatch", "prepare", "holds 48 images but", {"prepare": {"data_root": "{case}/fm"}}, fewer_labels),
-    Case("calibration-missing", "features", "calibration.pt not found; run the prepare stage first", setup=missing("--calibration", "calibration.pt")),
-    Case("calibration-garbage", "features", "split.pt is not a valid prepare output", setup=garbage_split("--calibration")),
+    Case("data-root-missing", "prepare", "dataset file not found: /nonexistent/fm/train-images-idx3-ubyte.gz",
+         {"prepare": {"data_root": "/nonexistent/fm"}}),
+    Case("idx-missing", "prepare", "dataset file not found: {case}/fm/t10k-images-idx3-ubyte.gz",
+         {"prepare": {"data_root": "{case}/fm"}}, missing_idx),
+    Case("idx-truncated", "prepare", "train-images-idx3-ubyte.gz is truncated or padded",
+         {"prepare": {"data_root": "{case}/fm"}}, truncated_idx),
+    Case("idx-not-gzip", "prepare", "t10k-labels-idx1-ubyte.gz is not a readable gzip file",
+         {"prepare": {"data_root": "{case}/fm"}}, not_gzip_idx),
+    Case("idx-cut-gzip", "prepare", "train-labels-idx1-ubyte.gz is not a readable gzip file",
+         {"prepare": {"data_root": "{case}/fm"}}, cut_gzip),
+    Case("idx-count-mismatch", "prepare", "holds 48 images but",
+         {"prepare": {"data_root": "{case}/fm"}}, fewer_labels),
+    Case("calibration-missing", "features", "calibration.pt not found; run the prepare stage first",
+         setup=missing("--calibration", "calibration.pt")),
+    Case("calibration-garbage", "features", "split.pt is not a valid prepare output",
+         setup=garbage_split("--calibration")),
     Case("test-garbage", "evaluate", "split.pt is not a valid prepare output", setup=garbage_split("--test")),
     Case("test-wrong-kind", "evaluate", "split.pt is not a valid prepare output", setup=split_of_wrong_kind),
     # feature store
-    Case("store-missing", "quantize", "feature store not found or incomplete at {case}/none.zarr; rerun the features stage", setup=missing("--features", "none.zarr")),
-    Case("store-old-version", "quantize", "has format version 1, this ptqflow reads 2; rerun the features stage", setup=old_version_store),
+    Case("store-missing", "quantize",
+         "feature store not found or incomplete at {case}/none.zarr; rerun the features stage",
+         setup=missing("--features", "none.zarr")),
+    Case("store-old-version", "quantize", "has format version 1, this ptqflow reads 2; rerun the features stage",
+         setup=old_version_store),
     Case("store-garbled-json", "reconstruct", "store.zarr is unreadable (", setup=garbled_store_json),
     Case("store-not-ptqflow", "quantize", "store.zarr is not a ptqflow feature store", setup=not_a_store),
     Case("store-unclosed", "reconstruct", "was not closed (no manifest)", setup=unclosed_store),
-    Case("store-reshaped", "reconstruct", "array units/head/grad is float32[16, 11], its manifest says float32[16, 10]", setup=reshaped_array),
-    Case("store-shard-deleted", "quantize", "array input shard 0 fails its checksum; rerun the features stage (dvc repro features)", setup=delete_shard),
-    Case("store-shard-truncated", "reconstruct", "array units/layer1.0/output shards 0..1 cannot be decoded", setup=truncate_shard),
+    Case("store-reshaped", "reconstruct",
+         "array units/head/grad is float32[16, 11], its manifest says float32[16, 10]",
+         setup=reshaped_array),
+    Case("store-shard-deleted", "quantize",
+         "array input shard 0 fails its checksum; rerun the features stage (dvc repro features)",
+         setup=delete_shard),
+    Case("store-shard-truncated", "reconstruct", "array units/layer1.0/output shards 0..1 cannot be decoded",
+         setup=truncate_shard),
     Case("store-flipped-byte", "reconstruct", "array units/layer1.0/output shard 1 ", setup=flip_byte),
     # quantized models
     Case("rtn-garbage", "reconstruct", "rtn/w2a4.pt cannot be loaded safely (weights_only=True)", setup=garbage_rtn),
     Case("rtn-state-dict", "evaluate", "rtn/w2a4.pt is not a ptqflow quantized model", setup=state_dict_as_rtn),
-    Case("rtn-future-version", "reconstruct", "rtn/w2a4.pt has format version 99; this ptqflow reads 1", setup=future_rtn),
+    Case("rtn-future-version", "reconstruct", "rtn/w2a4.pt has format version 99; this ptqflow reads 1",
+         setup=future_rtn),
     Case("rtn-missing-key", "evaluate", "rtn/w2a4.pt does not fit model resnet20: ", setup=mismatched_rtn),
     Case("models-empty", "evaluate", "no quantized models (*.pt) in {case}/none", setup=empty_models),
     Case("models-option", "evaluate", "--models takes METHOD=FOLDER", setup=bad_models_option),
     # unit plans
-    Case("plan-order", "reconstruct", "unit plan does not match the model", setup=plan([[u] for u in reversed(UNITS)])),
-    Case("plan-missing-unit", "reconstruct", "unit plan does not match the model", setup=plan([[u] for u in UNITS[:-1]])),
+    Case("plan-order", "reconstruct", "unit plan does not match the model",
+         setup=plan([[u] for u in reversed(UNITS)])),
+    Case("plan-missing-unit", "reconstruct", "unit plan does not match the model",
+         setup=plan([[u] for u in UNITS[:-1]])),
     Case("plan-not-json", "reconstruct", "plan.json is not a JSON file with a 'groups' list", setup=plan("{groups: ")),
     Case("plan-empty-group", "reconstruct", "'groups' must be a list of non-empty lists", setup=plan([[], UNITS])),
-    Case("plan-missing", "reconstruct", "is not a JSON file with a 'groups' list (FileNotFoundError)", setup=missing("--plan", "p.json")),
+    Case("plan-missing", "reconstruct", "is not a JSON file with a 'groups' list (FileNotFoundError)",
+         setup=missing("--plan", "p.json")),
 ]  # fmt: skip
 
 OUTPUTS = {  # every declared output of each stage, relative to the case folder
@@ -469,14 +527,18 @@ def test_cuda_without_a_gpu(workspace: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("yaml-syntax", "store-flipped-byte")], ids=lambda c: c.id)
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c.id in ("yaml-syntax", "store-flipped-byte")], ids=lambda c: c.id
+)
 def test_real_command_prints_one_line_on_stderr(case: Case, workspace: Path, tmp_path: Path) -> None:
     """The installed ``ptqflow`` command, not click's test runner: stdout empty, one stderr line, exit 2."""
     options = _stage_args(case.stage, workspace, tmp_path)
     options.update(case.setup(workspace, tmp_path) if case.setup else {})
     (tmp_path / "params.yaml").write_text(_params_text(workspace, tmp_path, case.params))
     command = [str(Path(sys.executable).parent / "ptqflow"), *_argv(tmp_path / "params.yaml", case.stage, options)]
-    result = subprocess.run(command, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONWARNINGS": ""})
+    result = subprocess.run(
+        command, capture_output=True, text=True, check=False, env={**os.environ, "PYTHONWARNINGS": ""}
+    )
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("Error: "), result.stderr
     assert case.expect in result.stderr
@@ -534,7 +596,9 @@ def evil_resume_state(ws: Path, case: Path) -> dict[str, str]:
     config = section(load_params(case / "params.yaml"), "reconstruct", ReconstructConfig)
     rtn = ws / "quantize" / "w2a4.pt"
     model = load_quant_file(rtn, build_model)[0]
-    key = _resume_key(config, "w2a4", rtn, FeatureStore.open(ws / "store.zarr"), unit_groups(model.names, "block", None))
+    key = _resume_key(
+        config, "w2a4", rtn, FeatureStore.open(ws / "store.zarr"), unit_groups(model.names, "block", None)
+    )
     folder = case / "out" / "reconstruct.resume" / key
     folder.mkdir(parents=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -554,12 +618,15 @@ def evil_store(ws: Path, case: Path) -> dict[str, str]:
 
 
 UNTRUSTED = [
-    Case("fp-weights", "features", "w.pt cannot be loaded safely (weights_only=True)", {"base": {"weights": "{case}/w.pt"}}, evil_weights),
-    Case("calibration-split", "features", "split.pt is not a valid prepare output", setup=evil_split("--calibration", "calibration.pt")),
+    Case("fp-weights", "features", "w.pt cannot be loaded safely (weights_only=True)",
+         {"base": {"weights": "{case}/w.pt"}}, evil_weights),
+    Case("calibration-split", "features", "split.pt is not a valid prepare output",
+         setup=evil_split("--calibration", "calibration.pt")),
     Case("test-split", "evaluate", "split.pt is not a valid prepare output", setup=evil_split("--test", "test.pt")),
     Case("rtn-model", "reconstruct", "w2a4.pt cannot be loaded safely (weights_only=True)", setup=evil_rtn),
     Case("evaluated-model", "evaluate", "w2a4.pt cannot be loaded safely (weights_only=True)", setup=evil_rtn),
-    Case("resume-state", "reconstruct", "state.pt cannot be loaded safely (weights_only=True)", setup=evil_resume_state),
+    Case("resume-state", "reconstruct", "state.pt cannot be loaded safely (weights_only=True)",
+         setup=evil_resume_state),
     Case("feature-store", "quantize", "array input is missing or unreadable (UnknownCodecError)", setup=evil_store),
 ]  # fmt: skip
 
