@@ -277,7 +277,7 @@ class FeatureStore:
         return self._decode(key, f"shard {shard}", lambda: self._arrays[key][a:b])
 
     def _check_shard(self, key: str, shard: int, block: np.ndarray) -> None:
-        if hashlib.sha256(np.ascontiguousarray(block).tobytes()).hexdigest() != self._checksums[key][shard]:
+        if hashlib.sha256(np.ascontiguousarray(block)).hexdigest() != self._checksums[key][shard]:  # no copy
             raise StoreError(f"feature store {self.path}: array {key} shard {shard} fails its checksum; {_RERUN}")
         self._verified[key].add(shard)
 

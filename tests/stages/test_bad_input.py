@@ -323,7 +323,7 @@ CASES = [
     Case("targets-empty", "reconstruct", "reconstruct.targets must name at least one",
          {"reconstruct": {"targets": []}}),
     Case("target-unknown", "reconstruct",
-         "reconstruct.targets: 'w3a3' is not a quantize.bits entry; allowed: ['w2a4', 'w4a4']",
+         "reconstruct.targets: 'w3a3' is not a quantize.bits entry; allowed: ['w2a4']",
          {"reconstruct": {"targets": ["w3a3"]}}),
     Case("target-path", "reconstruct", "reconstruct.targets: '../w2a4' is not a quantize.bits entry",
          {"reconstruct": {"targets": ["../w2a4"]}}),
@@ -430,7 +430,7 @@ def _base_params(ws: Path) -> dict[str, Any]:
         "base": {"model": "resnet20", "weights": str(ws / "r20.pt"), "seed": 0, "device": "cpu"},
         "prepare": {"data_root": str(ws / "fm"), "calib_size": 16, "seed": 1},
         "features": {"batch_size": 16, "chunk_size": 4, "shard_size": 8},
-        "quantize": {"bits": {"w4a4": W, "w2a4": {"weight_bits": 2, "act_bits": 4}}, "calib_size": 16},
+        "quantize": {"bits": {"w2a4": {"weight_bits": 2, "act_bits": 4}}, "calib_size": 16},
         "reconstruct": {"targets": ["w2a4"], "iters": 2, "act_iters": 1, "batch_size": 8},
         "evaluate": {"batch_size": 10},
     }
@@ -472,7 +472,7 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Fake Fashion-MNIST (48 train, 20 test), random ResNet-20 weights, and the outputs of prepare,
-    features (2 shards of 8) and quantize (w4a4, w2a4), made by the CLI."""
+    features (2 shards of 8) and quantize (w2a4), made by the CLI."""
     ws = tmp_path_factory.mktemp("ws")
     write_fake_fashion_mnist(ws / "fm", train=48, test=20)
     torch.manual_seed(0)
