@@ -234,7 +234,7 @@ class FeatureStore:
             raise StoreError(f"feature store {path} has a damaged manifest ({type(exc).__name__}); {_RERUN}") from None
         return store
 
-    def _check_manifest(self, arrays: dict[str, Any]) -> None:
+    def _check_manifest(self, arrays: Any) -> None:
         if set(arrays) != set(self._checksums):
             raise StoreError(f"feature store {self.path}: manifest and checksums list different arrays; {_RERUN}")
         shards = -(-self.num_samples // self.shard_size)
@@ -277,7 +277,7 @@ class FeatureStore:
         return self._decode(key, f"shard {shard}", lambda: self._arrays[key][a:b])
 
     def _check_shard(self, key: str, shard: int, block: np.ndarray) -> None:
-        if hashlib.sha256(np.ascontiguousarray(block)).hexdigest() != self._checksums[key][shard]:  # no copy
+        if hashlib.sha256(np.ascontiguousarray(block).data).hexdigest() != self._checksums[key][shard]:  # no copy
             raise StoreError(f"feature store {self.path}: array {key} shard {shard} fails its checksum; {_RERUN}")
         self._verified[key].add(shard)
 
