@@ -199,6 +199,7 @@ def kill_and_rerun(ref: Reference, trial: Trial) -> Trial:
         assert digest(ws / out) == ref.hashes[out], f"{out} differs after the rerun: {trial}"
     assert litter(ws, trial.stage) == [], f"temporary files left behind: {trial}"
     assert not (ws / RESUME).exists()
+    print(trial, flush=True)  # progress of the slow test (shown with -s)
     return trial
 
 
