@@ -318,7 +318,7 @@ CASES = [
     Case("method", "reconstruct", "reconstruct.method must be one of 'brecq', 'qdrop'; got 'adaquant'",
          {"reconstruct": {"method": "adaquant"}}),
     Case("granularity", "reconstruct", "reconstruct.granularity must be one of 'block', 'stage', 'net'",
-         {"reconstruct": {"granularity": "layer"}}),
+         {"reconstruct": {"granularity": "unit"}}),
     Case("loss", "reconstruct", "reconstruct.loss must be one of 'mse', 'fisher'", {"reconstruct": {"loss": "l1"}}),
     Case("targets-empty", "reconstruct", "reconstruct.targets must name at least one",
          {"reconstruct": {"targets": []}}),
