@@ -120,10 +120,10 @@ def _in_memory(
     data = load_split(test)
     batches = -(-len(data) // config.batch_size)
     fp_model = load_fp_model(base).to(device)
+    loaded = [(key, *load_quant_file(path, build_model)) for key, path in files]  # every file checked before any work
     logits = {"fp": predict_logits(fp_model, data, config.batch_size, normalize, device, _tracker(batches, "fp"))}
     models: dict[str, Any] = {"fp": _fp_info(fp_model)}
-    for key, path in files:
-        model, _, qconfig = load_quant_file(path, build_model)
+    for key, model, _, qconfig in loaded:
         models[key] = _quant_info(model, qconfig, normalize(data.images[:1]))
         freeze_weights(model)
         logits[key] = predict_logits(

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from ptqflow.atomic import atomic_save_torch, atomic_write_json
+from ptqflow.atomic import atomic_dir, atomic_save_torch, atomic_write_json
 from ptqflow.data import LabelledImages, draw_calibration, load_fashion_mnist, sha256_of_array
 from ptqflow.errors import ConfigError, DataError
 from ptqflow.imagefolder import IMAGENET_MEAN, IMAGENET_STD, calibration_crops, scan_image_folder
@@ -68,7 +68,8 @@ def _describe(data: LabelledImages) -> dict[str, Any]:
 
 
 def run(params: dict[str, Any], out_dir: Path) -> dict[str, Any]:
-    """Write ``calibration.pt``, ``test.pt`` (or ``test.json``) and ``manifest.json`` into ``out_dir``."""
+    """Write ``calibration.pt``, ``test.pt`` (or ``test.json``) and ``manifest.json`` into ``out_dir`` (replaced
+    as a whole)."""
     config = section(params, "prepare", PrepareConfig)
     if config.dataset == "imagefolder":
         return _run_imagefolder(config, out_dir)
@@ -86,9 +87,10 @@ def run(params: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "calibration": {"split": "train", "seed": config.seed, "indices": indices.tolist(), **_describe(calib)},
         "test": {"split": "test", **_describe(test)},
     }
-    atomic_save_torch({"images": calib.images, "labels": calib.labels, "indices": indices}, out_dir / "calibration.pt")
-    atomic_save_torch({"images": test.images, "labels": test.labels}, out_dir / "test.pt")
-    atomic_write_json(out_dir / "manifest.json", manifest)
+    with atomic_dir(out_dir) as tmp:  # the folder appears whole or not at all
+        atomic_save_torch({"images": calib.images, "labels": calib.labels, "indices": indices}, tmp / "calibration.pt")
+        atomic_save_torch({"images": test.images, "labels": test.labels}, tmp / "test.pt")
+        atomic_write_json(tmp / "manifest.json", manifest)
     return manifest
 
 

@@ -63,6 +63,8 @@ class QuantizeConfig:
         for name in self.bits:
             if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
                 raise ConfigError(f"bits.{name}: names may hold letters, digits, '_' and '-' only")
+        # The keys shared by every pair first, so an error names quantize.<key>, not quantize.bits.<name>.<key>.
+        self.quant_config(BitPair(4, 4))
         for name, pair in self.bits.items():
             try:
                 self.quant_config(pair)

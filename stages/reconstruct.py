@@ -105,6 +105,29 @@ def _resume_key(
     return f"{target}-{h.hexdigest()[:16]}"
 
 
+def _load_resume_state(model: QuantModel, state_file: Path) -> tuple[int, list[dict[str, Any]]]:
+    """Load a resume checkpoint into ``model`` (``weights_only``); return the next step and the rows so far.
+
+    Raises:
+        ModelError: the file needs unpickling, is damaged, or does not fit the model (names the folder to
+            delete; the resume folder is a cache, deleting it only costs the finished steps).
+    """
+    try:
+        saved = torch.load(state_file, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["state_dict"], strict=True)
+        start = int(saved["next_step"])
+        rows = json.loads(str(saved["rows"]))
+        if not isinstance(rows, list):
+            raise TypeError("rows is not a list")
+    except Exception as exc:  # pickle payload, torn or foreign file, wrong keys or shapes
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(
+            f"resume state {state_file} cannot be loaded safely (weights_only=True): {first}; "
+            f"delete {state_file.parent} to start that target afresh"
+        ) from None
+    return start, rows
+
+
 def _reconstruct_one(
     model: QuantModel,
     store: FeatureStore,
@@ -119,10 +142,7 @@ def _reconstruct_one(
     state_file = resume_dir / "state.pt"
     rows: list[dict[str, Any]] = []
     if state_file.is_file():
-        saved = torch.load(state_file, map_location="cpu", weights_only=True)
-        model.load_state_dict(saved["state_dict"])
-        start = int(saved["next_step"])
-        rows = json.loads(str(saved["rows"]))
+        start, rows = _load_resume_state(model, state_file)
         log.info("resuming at step %d from %s", start, state_file)
 
     def checkpoint(index: int, step: Step, row: dict[str, float]) -> None:
@@ -139,7 +159,6 @@ def _reconstruct_one(
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         atomic_save_torch({"state_dict": state, "next_step": index + 1, "rows": json.dumps(rows)}, state_file)
 
-    resume_dir.mkdir(parents=True, exist_ok=True)
     skip = frozenset(i for i, kind in enumerate(model.unit_kinds()) if kind == "stem" and convention == "brecq")
     reconstruct(
         model,

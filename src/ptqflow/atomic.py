@@ -1,12 +1,15 @@
 """Atomic file outputs: write beside the target, fsync, then rename over it.
 
 A killed process leaves either the previous file or none, never a half-written one, so DVC's cache
-never hashes a torn output. Torch files are serialised in memory first: ``torch.save`` to a path names
+never hashes a torn output. Temporaries carry the writer's pid in their name (``.<name>.<pid>.<random>.tmp``);
+the next write to the same target removes those whose writer no longer runs, so killed runs leave no
+litter behind. Torch files are serialised in memory first: ``torch.save`` to a path names
 the zip archive after the file, which would make the bytes depend on the temporary name.
 """
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
@@ -19,14 +22,53 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_dir", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "atomic_save_torch"]
+__all__ = [
+    "atomic_dir",
+    "atomic_save_torch",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "sweep_stale",
+]
+
+
+def _prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}."
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def sweep_stale(path: Path) -> None:
+    """Remove temporaries beside ``path`` left by writers that were killed (their pid is gone)."""
+    path = Path(path)
+    head = f".{path.name}."
+    for item in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        parts = item.name[len(head) :].split(".")
+        if len(parts) != 3 or not parts[0].isdigit() or parts[2] not in ("tmp", "old"):
+            continue
+        pid = int(parts[0])
+        if pid == os.getpid() or _running(pid):
+            continue
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item, ignore_errors=True)
+        else:
+            item.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (parent folders are created)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    sweep_stale(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -65,11 +107,12 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    sweep_stale(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=_prefix(path), suffix=".tmp"))
     try:
         yield tmp
         if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=_prefix(path), suffix=".old"))
             os.replace(path, old / "x")
             os.replace(tmp, path)
             shutil.rmtree(old)

@@ -9,8 +9,13 @@ Layout (one zarr v3 group, sharded so a store is a few dozen files, not thousand
 A unit's input is the previous unit's output, so it is not stored twice. Samples are along axis 0;
 a chunk (the read unit) holds ``chunk_size`` samples and a shard (the write unit, one file) holds
 ``shard_size``. Writes are buffered to whole shards, so memory stays flat in the number of samples.
-The root attributes carry the format tag, unit names, shapes, dtype and one sha256 per shard: no paths,
-no timestamps, so equal inputs give byte-identical stores (DVC hashes them).
+The root attributes carry the format tag, unit names, a manifest of every array (shape, dtype) and one
+sha256 per shard: no paths, no timestamps, so equal inputs give byte-identical stores (DVC hashes them).
+
+Readers never use unchecked bytes: :meth:`FeatureStore.open` checks every array against the manifest
+(shape, dtype, shard count; metadata only), and each shard is checked against its sha256 the first time
+it is read, so a flipped byte fails with a one-line :class:`~ptqflow.errors.StoreError` naming the array,
+the shard and the stage to rerun.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ from ptqflow.errors import StoreError
 
 __all__ = ["FORMAT", "FeatureStore", "FeatureStoreWriter", "UnitFeatures"]
 
-FORMAT = {"format": "ptqflow-features", "version": 1}
+#: Version 2 added the per-array manifest (``arrays``: shape and dtype of every array).
+FORMAT = {"format": "ptqflow-features", "version": 2}
+_RERUN = "rerun the features stage (dvc repro features)"
 _DTYPES = ("float32", "float16")
 
 
@@ -91,6 +98,7 @@ class FeatureStoreWriter:
         self._checksums: dict[str, list[str]] = {k: [] for k in specs}
         self._meta = {
             **FORMAT,
+            "arrays": {k: {"shape": [num_samples, *s], "dtype": dtype} for k, s in specs.items()},
             "units": list(unit_names),
             "num_samples": num_samples,
             "dtype": dtype,
@@ -173,7 +181,11 @@ class UnitFeatures:
 
 
 class FeatureStore:
-    """A read-only feature store (see the module docstring); open with :meth:`open`."""
+    """A read-only feature store (see the module docstring); open with :meth:`open`.
+
+    Every shard is checked against the manifest's sha256 the first time any of its samples is read
+    (then remembered for the life of this object), so corrupt bytes are never returned.
+    """
 
     def __init__(self, group: Any, path: Path) -> None:
         self.group = group
@@ -183,33 +195,68 @@ class FeatureStore:
         self.units: list[str] = list(attrs["units"])
         self.num_samples: int = int(attrs["num_samples"])
         self.dtype: str = str(attrs["dtype"])
+        self.shard_size: int = int(attrs["shard_size"])
+        self._checksums: dict[str, list[str]] = {k: list(v) for k, v in attrs["checksums"].items()}
+        self._verified: dict[str, set[int]] = {k: set() for k in self._checksums}
+        self._arrays: dict[str, Any] = {}
 
     @classmethod
     def open(cls, path: Path) -> FeatureStore:
-        """Open and check the format tag and version.
+        """Open and check the format tag, version and the manifest of every array.
 
         Raises:
-            StoreError: missing, not a ptqflow feature store, or another format version.
+            StoreError: missing, not a ptqflow feature store, another format version, or an array whose
+                shape, dtype or shard count disagrees with the manifest.
         """
         path = Path(path)
-        rerun = "rerun the features stage (dvc repro features)"
         if not (path / "zarr.json").is_file():
-            raise StoreError(f"feature store not found or incomplete at {path}; {rerun}")
+            raise StoreError(f"feature store not found or incomplete at {path}; {_RERUN}")
         try:
             group = zarr.open_group(store=str(path), mode="r", zarr_format=3)
             attrs = dict(group.attrs)
         except Exception as exc:  # zarr raises many types for damaged metadata
-            raise StoreError(f"feature store {path} is unreadable ({type(exc).__name__}); {rerun}") from None
+            raise StoreError(f"feature store {path} is unreadable ({type(exc).__name__}); {_RERUN}") from None
         if attrs.get("format") != FORMAT["format"]:
-            raise StoreError(f"{path} is not a ptqflow feature store; {rerun}")
+            raise StoreError(f"{path} is not a ptqflow feature store; {_RERUN}")
         if attrs.get("version") != FORMAT["version"]:
             raise StoreError(
                 f"feature store {path} has format version {attrs.get('version')}, this ptqflow reads "
-                f"{FORMAT['version']}; {rerun}"
+                f"{FORMAT['version']}; {_RERUN}"
             )
         if "checksums" not in attrs:
-            raise StoreError(f"feature store {path} was not closed (no manifest); {rerun}")
-        return cls(group, path)
+            raise StoreError(f"feature store {path} was not closed (no manifest); {_RERUN}")
+        try:
+            store = cls(group, path)
+            store._check_manifest(attrs["arrays"])
+        except StoreError:
+            raise
+        except Exception as exc:  # a damaged manifest: missing keys, wrong types
+            raise StoreError(f"feature store {path} has a damaged manifest ({type(exc).__name__}); {_RERUN}") from None
+        return store
+
+    def _check_manifest(self, arrays: Any) -> None:
+        if set(arrays) != set(self._checksums):
+            raise StoreError(f"feature store {self.path}: manifest and checksums list different arrays; {_RERUN}")
+        shards = -(-self.num_samples // self.shard_size)
+        for key, spec in arrays.items():
+            try:
+                array = self.group[key]
+            except Exception as exc:  # KeyError, or damaged array metadata
+                raise StoreError(
+                    f"feature store {self.path}: array {key} is missing or unreadable ({type(exc).__name__}); {_RERUN}"
+                ) from None
+            shape, dtype = tuple(array.shape), str(array.dtype)
+            if shape != tuple(spec["shape"]) or dtype != spec["dtype"] or shape[0] != self.num_samples:
+                raise StoreError(
+                    f"feature store {self.path}: array {key} is {dtype}{list(shape)}, its manifest says "
+                    f"{spec['dtype']}{list(spec['shape'])}; {_RERUN}"
+                )
+            if len(self._checksums[key]) != shards:
+                raise StoreError(
+                    f"feature store {self.path}: array {key} has {len(self._checksums[key])} checksums for "
+                    f"{shards} shards; {_RERUN}"
+                )
+            self._arrays[key] = array
 
     def unit(self, name: str) -> UnitFeatures:
         """Features of unit ``name``."""
@@ -217,14 +264,60 @@ class FeatureStore:
             raise StoreError(f"unit {name!r} is not in feature store {self.path}; units: {', '.join(self.units)}")
         return UnitFeatures(self, self.units.index(name))
 
+    def _decode(self, key: str, what: str, read: Any) -> np.ndarray:
+        try:
+            return np.asarray(read())
+        except Exception as exc:  # a damaged shard fails inside the codec with many error types
+            raise StoreError(
+                f"feature store {self.path}: array {key} {what} cannot be decoded ({type(exc).__name__}); {_RERUN}"
+            ) from None
+
+    def _decode_shard(self, key: str, shard: int) -> np.ndarray:
+        a, b = self._bounds(shard)
+        return self._decode(key, f"shard {shard}", lambda: self._arrays[key][a:b])
+
+    def _check_shard(self, key: str, shard: int, block: np.ndarray) -> None:
+        if hashlib.sha256(np.ascontiguousarray(block).data).hexdigest() != self._checksums[key][shard]:  # no copy
+            raise StoreError(f"feature store {self.path}: array {key} shard {shard} fails its checksum; {_RERUN}")
+        self._verified[key].add(shard)
+
+    def _bounds(self, shard: int) -> tuple[int, int]:
+        return shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_samples)
+
     def read(self, key: str, index: Index) -> torch.Tensor:
-        """Samples ``index`` of array ``key`` as a float32 tensor."""
-        array = self.group[key]
+        """Samples ``index`` of array ``key`` as a float32 tensor, each shard checked on its first read.
+
+        Raises:
+            StoreError: unknown array, or a shard that cannot be decoded or fails its sha256.
+        """
+        if key not in self._arrays:
+            raise StoreError(f"array {key!r} is not in feature store {self.path}")
+        array = self._arrays[key]
+        n, size = self.num_samples, self.shard_size
         if isinstance(index, slice):
-            data = array[index]
+            start, stop, step = index.indices(n)
+            if start >= stop:
+                return torch.from_numpy(np.ascontiguousarray(array[index], dtype=np.float32))
+            first, last = start // size, (stop - 1) // size
+            pending = [s for s in range(first, last + 1) if s not in self._verified[key]]
+            if pending:
+                # Read the shard-aligned superset once and check the unverified shards in it.
+                lo, hi = self._bounds(first)[0], self._bounds(last)[1]
+                block = self._decode(key, f"shards {first}..{last}", lambda: array[lo:hi])
+                for s in pending:
+                    a, b = self._bounds(s)
+                    self._check_shard(key, s, block[a - lo : b - lo])
+                data = block[start - lo : stop - lo : step]
+            else:
+                data = self._decode(key, f"shards {first}..{last}", lambda: array[start:stop:step])
         else:
             idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64)
-            data = array.get_orthogonal_selection((idx,))
+            idx = np.where(idx < 0, idx + n, idx)
+            if idx.size and (idx.min() < 0 or idx.max() >= n):
+                raise StoreError(f"sample index out of range for feature store {self.path} ({n} samples)")
+            for s in sorted({int(i) // size for i in idx.tolist()} - self._verified[key]):
+                self._check_shard(key, s, self._decode_shard(key, s))
+            data = self._decode(key, "selection", lambda: array.get_orthogonal_selection((idx,)))
         return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
 
     def iter_inputs(self, position: int, batch_size: int, limit: int | None = None) -> Iterator[torch.Tensor]:
@@ -235,27 +328,14 @@ class FeatureStore:
             yield unit.inputs(slice(start, min(start + batch_size, end)))
 
     def verify(self) -> None:
-        """Recompute every shard's sha256 and compare with the manifest.
+        """Check every shard of every array against its sha256 now (instead of on first read).
 
         Raises:
-            StoreError: a shard does not match (names the array and shard).
+            StoreError: a shard cannot be decoded or does not match (names the array and shard).
         """
-        shard = int(self.meta["shard_size"])
-        for key, sums in self.meta["checksums"].items():
-            array = self.group[key]
-            for i, expected in enumerate(sums):
-                try:
-                    block = np.ascontiguousarray(array[i * shard : min((i + 1) * shard, self.num_samples)])
-                except Exception as exc:  # a damaged shard fails inside the codec with many error types
-                    raise StoreError(
-                        f"feature store {self.path}: array {key} shard {i} cannot be decoded ({type(exc).__name__}); "
-                        "rerun the features stage (dvc repro features)"
-                    ) from None
-                if hashlib.sha256(block.tobytes()).hexdigest() != expected:
-                    raise StoreError(
-                        f"feature store {self.path}: array {key} shard {i} fails its checksum; "
-                        "rerun the features stage (dvc repro features)"
-                    )
+        for key, sums in self._checksums.items():
+            for i in range(len(sums)):
+                self._check_shard(key, i, self._decode_shard(key, i))
 
 
 def extract_features(

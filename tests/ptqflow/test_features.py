@@ -118,3 +118,44 @@ def test_writer_rejects_excess_samples(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="more samples"):
         writer.append(torch.zeros(5, 2), [torch.zeros(5, 2)], [torch.zeros(5, 2)])
     assert np.asarray(writer.arrays["input"][:]).shape == (4, 2)
+
+
+def _flip(store: Path, array: str, shard: int) -> None:
+    (path,) = [p for p in (store / array / "c" / str(shard)).rglob("*") if p.is_file()]
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "index", [slice(0, 20), slice(9, 12), [10, 3], torch.tensor([15]), np.array([-5])], ids=lambda i: repr(i)[:12]
+)
+def test_corrupt_shard_is_never_returned(tmp_path: Path, index: object) -> None:
+    """Readers check each shard's sha256 on its first read: any read touching shard 1 fails."""
+    _write(tmp_path / "s.zarr")
+    _flip(tmp_path / "s.zarr", "units/layer1.0/output", 1)
+    store = FeatureStore.open(tmp_path / "s.zarr")
+    store.unit("layer1.0").outputs(slice(0, 8))  # shard 0 is intact
+    store.unit("stem").outputs(slice(0, 20))  # other arrays are intact
+    with pytest.raises(StoreError, match=r"array units/layer1.0/output shard.* 1.*dvc repro features"):
+        store.unit("layer1.0").outputs(index)  # type: ignore[arg-type]
+
+
+def test_checked_shards_are_read_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _write(tmp_path / "s.zarr")
+    store = FeatureStore.open(tmp_path / "s.zarr")
+    first = store.unit("head").outputs(slice(2, 19))
+    calls: list[str] = []
+    original = FeatureStore._check_shard
+    monkeypatch.setattr(FeatureStore, "_check_shard", lambda self, *a: calls.append(a[0]) or original(self, *a))
+    torch.testing.assert_close(store.unit("head").outputs(slice(2, 19)), first)
+    assert calls == []
+    assert store.unit("layer1.0").inputs([4]).shape == (1, 8, 8, 8) and calls == ["units/stem/output"]
+
+
+def test_manifest_holds_shape_and_dtype_per_array(tmp_path: Path) -> None:
+    _write(tmp_path / "s.zarr", dtype="float16")
+    arrays = FeatureStore.open(tmp_path / "s.zarr").meta["arrays"]
+    assert arrays["input"] == {"shape": [20, 3, 8, 8], "dtype": "float16"}
+    assert arrays["units/layer1.1/grad"] == {"shape": [20, 16, 4, 4], "dtype": "float16"}
+    assert len(arrays) == 9

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -110,40 +107,3 @@ def test_cold_reruns_are_byte_identical(repo: Path) -> None:
     first = _lock_without_timing(repo)
     _run(["dvc", "repro", "--force"], repo)
     assert _lock_without_timing(repo) == first
-
-
-def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    return subprocess.run(["ptqflow", *args], cwd=cwd, env=env, capture_output=True, text=True, check=False)
-
-
-@pytest.mark.parametrize(
-    ("section", "change", "args", "message"),
-    [
-        (
-            "select",
-            {"budget": {"kind": "avg_bits", "value": 1.0}},
-            ["select", "--out", "bad"],
-            "select.budget avg_bits = 1 is infeasible; the smallest feasible avg_bits is 2",
-        ),
-        ("select", {"base": "w5a5"}, ["select", "--out", "bad"], "select.base: 'w5a5' is not a quantize.bits entry"),
-        ("select", {"budget": {"kind": "latency"}}, ["select", "--out", "bad"], "select.budget.kind must be one of"),
-        ("plan", {"reference": "w9a9"}, ["plan", "--out", "bad"], "plan.reference: 'w9a9' is not a quantize.bits"),
-        ("plan", {"ratio": 1.5}, ["plan", "--out", "bad"], "plan.ratio must be in [0, 1] or null, got 1.5"),
-        (
-            "search",
-            {"costs": ["latency"]},
-            ["search", "--out", "bad"],
-            "search.costs[0] must be one of 'size', 'bitops'",
-        ),
-        ("sensitivity", {"candidate_bits": [2, 9]}, ["sensitivity", "--out", "bad"], "2..8, got 9"),
-    ],
-)
-def test_mixed_precision_bad_input(repo: Path, section: str, change: dict, args: list[str], message: str) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params[section].update(change)
-    (repo / "bad.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = _cli(["--params", "bad.yaml", *args], repo)
-    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1 and message in lines[0], lines
-    assert not (repo / "bad").exists()
