@@ -62,6 +62,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--k", type=int, default=2)
     parser.add_argument("--budget", type=float, default=3.0, help="average weight bits of the mixed model")
+    parser.add_argument("--candidates", type=int, nargs="+", default=[2, 4, 8], help="candidate weight bits")
+    parser.add_argument("--no-mrecg", action="store_true", help="only the mixed-precision rows")
     args = parser.parse_args()
     test = load_split(ROOT / "data" / "prepare" / "test.pt")
 
@@ -95,7 +97,8 @@ def main() -> None:
             w3a4 = _rtn(fp, store, 3, 4)
             infos = layer_infos(w3a4, store.unit(store.units[0]).inputs(slice(0, 1)), 8)
             began = time.perf_counter()
-            tables = unit_sensitivities(w3a4, store, infos, SensitivityConfig(), 2.4, DEVICE)
+            sens_config = SensitivityConfig(candidate_bits=tuple(args.candidates))
+            tables = unit_sensitivities(w3a4, store, infos, sens_config, 2.4, DEVICE)
             space = BitSpace(infos, tables, act_bits=4)
             front = pareto_front(space, "size", SearchConfig(pop_size=50, generations=60, seed=0))
             point = select(front, "avg_bits", args.budget)
@@ -106,7 +109,7 @@ def main() -> None:
             emit(
                 [
                     name,
-                    f"mixed 2/4/8 (search {search_seconds:.0f}s, {len(front)} front points)",
+                    f"mixed {'/'.join(map(str, args.candidates))} (search {search_seconds:.0f}s, {len(front)} points)",
                     "mixed/4",
                     f"{point['avg_bits']:.2f}",
                     f"{top1(mixed):.2f}",
@@ -116,7 +119,7 @@ def main() -> None:
                 ]
             )
             # QDrop vs QDrop+MRECG.
-            for w, a in ((2, 4), (2, 2)):
+            for w, a in () if args.no_mrecg else ((2, 4), (2, 2)):
                 model = _rtn(fp, store, w, a)
                 errors = modcap_data_dependent(model, store, 256, 64, DEVICE)
                 groups, _ = mrecg_groups(model.unit_kinds(), capacity_differentials(errors, "data_dependent"), args.k)

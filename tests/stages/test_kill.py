@@ -253,9 +253,14 @@ def trials(seed: int, per_stage: int, ref: Reference) -> list[Trial]:
     ]
 
 
-def test_kill_each_stage_once(reference: Reference) -> None:
-    done = [kill_and_rerun(reference, Trial(stage, 0.0, fresh=i % 2 == 0)) for i, stage in enumerate(STAGES)]
-    assert sum(t.killed for t in done) >= 3, done  # evaluate and prepare may finish their tiny writes first
+#: The default run kills these (the slow test kills every stage): the store writer, a JSON-writing stage,
+#: the resumable one and a multi-model writer.
+QUICK = ("features", "search", "reconstruct", "predict")
+
+
+def test_kill_some_stages_once(reference: Reference) -> None:
+    done = [kill_and_rerun(reference, Trial(stage, 0.0, fresh=i % 2 == 0)) for i, stage in enumerate(QUICK)]
+    assert sum(t.killed for t in done) >= 2, done  # a stage may finish its tiny write before the kill lands
 
 
 def test_killed_reconstruct_resumes_byte_identical(reference: Reference) -> None:

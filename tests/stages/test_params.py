@@ -26,7 +26,7 @@ def test_root_params_parse() -> None:
     assert section(params, "features", FeaturesConfig).shard_size == 256
     assert set(section(params, "quantize", QuantizeConfig).bits) == {"w8a8", "w4a4", "w3a4", "w2a4"}
     assert section(params, "reconstruct", ReconstructConfig).recon().method == "qdrop"
-    assert section(params, "sensitivity", SensitivityConfig).candidate_bits == (2, 4, 8)
+    assert section(params, "sensitivity", SensitivityConfig).candidate_bits == (2, 3, 4, 8)
     assert section(params, "search", SearchStageConfig).library().costs == ("size", "bitops")
     assert section(params, "select", SelectConfig).budget == Budget("avg_bits", 3.0)
     assert section(params, "plan", PlanConfig).form == "data_dependent"
