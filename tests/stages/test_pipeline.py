@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import write_fake_fashion_mnist
-from tiny_repo import make_tiny_repo, ran_stages, run
+from tiny_repo import lock_without_timing, make_tiny_repo, ran_stages, run
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
@@ -83,16 +83,9 @@ def test_repro_reruns_only_what_changed(repo: Path) -> None:
     ]
 
 
-#: The nondeterministic outputs: wall seconds.
-TIMING = ("metrics/timing.json", "plots/timing")
-
-
 def _lock_without_timing(repo: Path) -> dict:
     """dvc.lock minus the timing outputs (wall seconds, the only nondeterministic ones)."""
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    for stage in lock["stages"].values():
-        stage["outs"] = [o for o in stage.get("outs", []) if o["path"] not in TIMING]
-    return lock
+    return lock_without_timing(yaml.safe_load((repo / "dvc.lock").read_text()))
 
 
 @pytest.mark.slow  # the default run covers this across two repos (test_sharing.py)

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import write_fake_fashion_mnist
-from tiny_repo import ROOT, make_tiny_repo, ran_stages, run, tiny_params, write_params
+from tiny_repo import ROOT, lock_without_timing, make_tiny_repo, ran_stages, run, tiny_params, write_params
 
 STAGES = sorted(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])  # a cold run runs every stage
 
@@ -147,25 +147,24 @@ def test_shipped_remote_is_one_command_away(tmp_path: Path) -> None:
     assert run(["dvc", "config", "core.remote"], repo).strip() == "shared"
 
 
-def _lock_without_timing(repo: Path) -> dict:
-    """dvc.lock with the one nondeterministic output (wall seconds, metrics/timing.json) left out."""
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    for stage in lock["stages"].values():
-        stage["outs"] = [o for o in stage.get("outs", []) if o["path"] != "metrics/timing.json"]
-    return lock
-
-
 def test_two_cold_runs_in_separate_repos_are_byte_identical(team: Team) -> None:
     """A second repo, its own empty cache, same params: every stage's outputs hash the same as A's.
 
-    zarr stores included (their attrs hold no paths or timestamps); only metrics/timing.json differs.
+    zarr stores included (their attrs hold no paths or timestamps); only the wall seconds (tiny_repo.TIMING) differ.
     """
     e = make_tiny_repo(team.root / "e", team.data_root)
     assert ran_stages(run(["dvc", "repro"], e)) == STAGES
-    committed = yaml.safe_load(run(["git", "show", "HEAD:dvc.lock"], team.a))
-    for stage in committed["stages"].values():
-        stage["outs"] = [o for o in stage.get("outs", []) if o["path"] != "metrics/timing.json"]
-    assert _lock_without_timing(e) == committed
+    committed = lock_without_timing(yaml.safe_load(run(["git", "show", "HEAD:dvc.lock"], team.a)))
+    mine = lock_without_timing(yaml.safe_load((e / "dvc.lock").read_text()))
+    differing = [
+        (name, entry.get("path"))
+        for name, stage in committed["stages"].items()
+        for key in ("deps", "outs")
+        for entry in stage.get(key, [])
+        if entry not in mine["stages"].get(name, {}).get(key, [])
+    ]
+    assert not differing, f"entries that differ between the two repos: {differing}"
+    assert mine == committed
     timing = json.loads((e / "metrics/timing.json").read_text())
     assert timing["reconstruct"]["seconds"] > 0
     for path in (e / "data").rglob("*"):
