@@ -4,6 +4,7 @@ Everything in one process, same calibration set (data/prepare/calibration.pt, 10
 seed 1005; run ``dvc repro prepare`` first), same seeds. Prints a markdown table.
 
     python bench/method_table.py [--iters 300] [--models resnet20 mobilenetv2_s] [--bits 4/4 2/4 3/3 2/2]
+        [--seed 0] [--methods brecq qdrop] [--act-lr 4e-5] [--keep-prob 0.5]
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--convention", choices=["brecq", "qdrop"], default="brecq")
     parser.add_argument("--act-lr", type=float, default=4e-5, help="QDrop's activation-step learning rate")
+    parser.add_argument("--keep-prob", type=float, default=0.5, help="QDrop's keep_prob (1.0 = no drop)")
     parser.add_argument("--methods", nargs="+", default=["brecq", "qdrop"], choices=["brecq", "qdrop"])
     args = parser.parse_args()
     test = load_split(ROOT / "data" / "prepare" / "test.pt")
@@ -62,6 +64,7 @@ def main() -> None:
                         act_iters=max(1, args.iters // 3),
                         reg_weight=REG_WEIGHT.get(name, 0.01),
                         act_lr=args.act_lr,
+                        keep_prob=args.keep_prob,
                         seed=args.seed,
                     )
                     start = time.perf_counter()
@@ -73,7 +76,8 @@ def main() -> None:
                 print(lines[-1], flush=True)
     print(
         f"\n{args.iters} iterations per unit (BRECQ activation phase: {max(1, args.iters // 3)}), batch 32,"
-        f" QDrop act lr {args.act_lr:g}, seed {args.seed}, convention {args.convention}, device {DEVICE}\n"
+        f" QDrop act lr {args.act_lr:g}, keep_prob {args.keep_prob:g}, seed {args.seed},"
+        f" convention {args.convention}, device {DEVICE}\n"
     )
     print("\n".join(lines))
 

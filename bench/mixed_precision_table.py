@@ -4,13 +4,15 @@ Everything in one process per model, on the pipeline's calibration set (data/pre
 1024 images, seed 1005; run ``dvc repro prepare`` first), the ``brecq`` placement convention and the same
 reconstruction settings for every row (QDrop, keep_prob 0.5, ``--iters`` per unit, seed 0):
 
-* mixed precision: BRECQ sensitivity tables (Fisher, candidates 2/4/8, 256 samples), NSGA-II size front,
-  the least-sensitive point at <= 3.0 average weight bits (the size of uniform 3-bit weights; first conv
-  and fc stay 8-bit in both), activations 4-bit; compared with uniform W3A4. RTN and QDrop for both.
+* mixed precision: BRECQ sensitivity tables (``--metric``, default Fisher; candidates 2/4/8; 256
+  samples), NSGA-II size front, the least-sensitive point at <= 3.0 average weight bits (the size of
+  uniform 3-bit weights; first conv and fc stay 8-bit in both), activations 4-bit; compared with uniform
+  W3A4. RTN and QDrop for both.
 * MRECG: data-dependent ModCap (the round-to-nearest error along the model at the row's bits), the ``--k``
   largest loss rises merged into joint units (chains of 3), reconstructed with the same QDrop settings.
 
     python bench/mixed_precision_table.py [--iters 300] [--models resnet20 mobilenetv2_s] [--k 2]
+        [--candidates 2 4 8] [--metric fisher|mse|kl] [--no-mrecg] [--rtn-only]
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=3.0, help="average weight bits of the mixed model")
     parser.add_argument("--candidates", type=int, nargs="+", default=[2, 4, 8], help="candidate weight bits")
     parser.add_argument("--no-mrecg", action="store_true", help="only the mixed-precision rows")
+    parser.add_argument("--metric", choices=["fisher", "mse", "kl"], default="fisher", help="sensitivity metric")
+    parser.add_argument("--rtn-only", action="store_true", help="skip reconstruction (RTN columns only)")
     args = parser.parse_args()
     test = load_split(ROOT / "data" / "prepare" / "test.pt")
 
@@ -88,6 +92,8 @@ def main() -> None:
             def qdrop(
                 model: QuantModel, groups: list[list[int]], store: FeatureStore = store, r: ReconConfig = recon
             ) -> str:
+                if args.rtn_only:
+                    return "-"
                 start = time.perf_counter()
                 done = _qdrop(model, store, groups, r)
                 return f"{top1(done):.2f} ({time.perf_counter() - start:.0f}s)"
@@ -97,7 +103,7 @@ def main() -> None:
             w3a4 = _rtn(fp, store, 3, 4)
             infos = layer_infos(w3a4, store.unit(store.units[0]).inputs(slice(0, 1)), 8)
             began = time.perf_counter()
-            sens_config = SensitivityConfig(candidate_bits=tuple(args.candidates))
+            sens_config = SensitivityConfig(candidate_bits=tuple(args.candidates), metric=args.metric)
             tables = unit_sensitivities(w3a4, store, infos, sens_config, 2.4, DEVICE)
             space = BitSpace(infos, tables, act_bits=4)
             front = pareto_front(space, "size", SearchConfig(pop_size=50, generations=60, seed=0))
@@ -109,7 +115,8 @@ def main() -> None:
             emit(
                 [
                     name,
-                    f"mixed {'/'.join(map(str, args.candidates))} (search {search_seconds:.0f}s, {len(front)} points)",
+                    f"mixed {'/'.join(map(str, args.candidates))} {args.metric} "
+                    f"(search {search_seconds:.0f}s, {len(front)} points)",
                     "mixed/4",
                     f"{point['avg_bits']:.2f}",
                     f"{top1(mixed):.2f}",

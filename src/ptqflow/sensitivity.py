@@ -7,6 +7,13 @@ approximated by a sum over reconstruction units of each unit's Fisher-weighted o
 to *its* layers, and ``g_u = dL/dz_u`` is the cached FP gradient. Measuring each unit for every joint
 assignment of bits to its layers keeps the in-unit cross-layer interaction; units are assumed additive.
 
+Metric ``kl`` replaces the unit-output proxy with the quantity it stands in for: the divergence
+``KL(p_fp || p_q)`` of the network's *output* when only this unit's weights are quantized and the rest
+of the network runs in FP (label-free, as the KL that BRECQ's code back-propagates to get its Fisher
+weights). It costs one forward pass of the rest of the network per assignment, but it sees what a
+unit's error does downstream; the label-based empirical Fisher of a well-trained model is near zero on
+most calibration images, so its ranking across depth can be noisy.
+
 Enumeration cost is ``C^L`` per unit (C candidate bit-widths, L searchable layers). Above
 ``max_assignments`` it is pruned, in two tiers:
 
@@ -65,7 +72,8 @@ class SensitivityConfig:
 
     Args:
         candidate_bits: weight bit-widths a searchable layer may take (BRECQ: 2, 4, 8).
-        metric: ``fisher`` (``sum dz^2 g^2``, BRECQ eq. 10) or ``mse`` (``sum dz^2``), per sample.
+        metric: ``fisher`` (``sum dz^2 g^2``, BRECQ eq. 10), ``mse`` (``sum dz^2``) or ``kl`` (the
+            network-output KL with only the unit quantized, see the module docstring), per sample.
         samples: calibration samples each unit is measured on (the first ones of the store).
         batch_size: samples per forward pass.
         max_assignments: most bit assignments measured per unit before pruning (see the module docstring).
@@ -74,7 +82,7 @@ class SensitivityConfig:
     """
 
     candidate_bits: tuple[int, ...] = (2, 4, 8)
-    metric: Literal["fisher", "mse"] = "fisher"
+    metric: Literal["fisher", "mse", "kl"] = "fisher"
     samples: int = 256
     batch_size: int = 64
     max_assignments: int = 81
@@ -261,6 +269,17 @@ def _unit_loss(pred: torch.Tensor, target: torch.Tensor, grad: torch.Tensor | No
     return err.sum()
 
 
+def _output_kl(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-batch *sum* over samples of ``KL(softmax(reference) || softmax(logits))``, in float64 (the
+    divergence of a high-bit assignment is a difference of nearly equal log-probabilities)."""
+    return torch.nn.functional.kl_div(
+        torch.log_softmax(logits.flatten(1).double(), 1),
+        torch.log_softmax(reference.flatten(1).double(), 1),
+        reduction="sum",
+        log_target=True,
+    )
+
+
 @torch.no_grad()
 def unit_sensitivities(
     model: QuantModel,
@@ -274,7 +293,9 @@ def unit_sensitivities(
     """Measure every unit's loss table (weights quantized round-to-nearest, activations in FP).
 
     Each unit gets its FP input from the store and is compared with its FP output (weighted by the
-    cached gradient for ``fisher``); the Lp range of every (layer, bits) pair is searched once.
+    cached gradient for ``fisher``); for ``kl`` its output runs on through the FP rest of the network and
+    the logits are compared with the stored FP logits. The Lp range of every (layer, bits) pair is
+    searched once.
 
     Args:
         model: a quantized model of the store's network (its weights are the folded FP weights).
@@ -290,13 +311,17 @@ def unit_sensitivities(
     """
     n = min(config.samples, store.num_samples)
     layers = dict(model.quant_layers())
-    model.to(device).set_quant_state(weight=True, act=False)
+    units = list(model.named_units())
+    downstream = config.metric == "kl"
+    model.to(device).set_quant_state(weight=not downstream, act=False)
+    logits = store.unit(units[-1][0]).outputs(slice(0, n)).to(device) if downstream else None
     results = []
     try:
-        for index, (unit_name, unit) in enumerate(model.named_units()):
+        for index, (unit_name, unit) in enumerate(units):
             searchable = [i.name for i in infos if i.unit == index and i.pinned_bits is None]
             if not searchable:
                 continue
+            unit.set_quant_state(weight=True, act=False)
             quantizers = {
                 (name, b): _init_quantizer(layers[name], b, p, device)
                 for name in searchable
@@ -305,7 +330,7 @@ def unit_sensitivities(
             originals = {name: layers[name].weight_quantizer for name in searchable}
             features = store.unit(unit_name)
             x = features.inputs(slice(0, n)).to(device)
-            y = features.outputs(slice(0, n)).to(device)
+            y = logits if logits is not None else features.outputs(slice(0, n)).to(device)
             g = features.grads(slice(0, n)).to(device) if config.metric == "fisher" else None
             mode, assignments = _assignments(len(searchable), config.candidate_bits, config.max_assignments)
             update = progress(len(assignments), f"sensitivity {unit_name}") if progress else None
@@ -317,7 +342,13 @@ def unit_sensitivities(
                     total = torch.zeros((), dtype=torch.float64, device=device)
                     for lo in range(0, n, config.batch_size):
                         sl = slice(lo, lo + config.batch_size)
-                        total += _unit_loss(unit(x[sl]), y[sl], g[sl] if g is not None else None).double()
+                        out = unit(x[sl])
+                        if downstream:
+                            for _, later in units[index + 1 :]:
+                                out = later(out)
+                            total += _output_kl(out, y[sl]).double()
+                        else:
+                            total += _unit_loss(out, y[sl], g[sl] if g is not None else None).double()
                     loss = float(total) / n
                     measured.append((bits, loss))
                     if update is not None:
@@ -325,6 +356,7 @@ def unit_sensitivities(
             finally:
                 for name, quantizer in originals.items():
                     layers[name].weight_quantizer = quantizer
+                unit.set_quant_state(weight=not downstream, act=False)
             results.append(UnitSensitivity(unit_name, searchable, mode, config.candidate_bits, measured))
     finally:
         model.set_quant_state(weight=True, act=True)

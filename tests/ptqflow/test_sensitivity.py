@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -101,6 +103,40 @@ def test_exhaustive_tables_match_a_naive_fisher_reference(tiny: tuple[QuantModel
     assert measured[(8, 8, 8)] < measured[(4, 4, 4)] < measured[(2, 2, 2)]
     # the model is left as it was: RTN at 2 bits, activations on
     assert all(layer.weight_quantizer.bits in (2, 8) for _, layer in model.quant_layers())
+    assert all(q.enabled for _, q in model.act_quantizers())
+
+
+def test_kl_tables_match_a_naive_whole_network_reference(tiny: tuple[QuantModel, FeatureStore]) -> None:
+    """``kl``: only the measured unit quantized, the rest FP, the logits against the stored FP logits."""
+    model, store = tiny
+    infos = layer_infos(model, store.unit("stem").inputs(slice(0, 1)), 8)
+    config = SensitivityConfig(candidate_bits=(2, 4, 8), metric="kl", samples=32, batch_size=10)
+    tables = unit_sensitivities(model, store, infos, config, 2.4, CPU)
+    assert [t.unit for t in tables] == ["layer1.0", "layer1.1"]
+    # Naive reference for layer1.0 at (conv1, conv2) = (2, 8): a deep copy of the model, every layer FP
+    # except these two, one sample at a time through the whole network.
+    naive_model = copy.deepcopy(model)
+    naive_model.set_quant_state(weight=False, act=False)
+    unit = dict(naive_model.named_units())["layer1.0"]
+    for name, b in zip(["conv1", "conv2"], [2, 8], strict=True):
+        layer = dict(unit.quant_layers())[name]
+        q = WeightQuantizer(b, layer.layer.weight.shape[0])
+        q.init_range(layer.layer.weight, 2.4)
+        layer.weight_quantizer = q
+        layer.quantize_weight = True
+    x = store.unit("stem").inputs(slice(0, 32))
+    fp_logits = store.unit("head").outputs(slice(0, 32))
+    with torch.no_grad():
+        naive = 0.0
+        for i in range(32):
+            p_fp = torch.softmax(fp_logits[i].double(), 0)
+            p_q = torch.softmax(naive_model(x[i : i + 1])[0].double(), 0)
+            naive += float((p_fp * (p_fp.log() - p_q.log())).sum())
+    measured = dict(tables[0].measured)
+    assert measured[(2, 8)] == pytest.approx(naive / 32, rel=1e-3)
+    assert measured[(8, 8)] < measured[(4, 4)] < measured[(2, 2)]
+    # the model is left as it was: weights and activations quantized
+    assert all(layer.quantize_weight for _, layer in model.quant_layers())
     assert all(q.enabled for _, q in model.act_quantizers())
 
 

@@ -5,8 +5,7 @@ fragment), exit code 2, no traceback, and nothing written: no declared output an
 Each case runs against a tiny workspace (fake Fashion-MNIST, random ResNet-20, 16 calibration images)
 built once per module by the real stages.
 
-Not covered: budgets below the minimum (the mixed-precision ``select`` stage does not exist yet) and
-``base.device: cuda`` without a GPU (skipped where a GPU exists; see the last case).
+``base.device: cuda`` without a GPU is its own test (skipped where a GPU exists).
 """
 
 from __future__ import annotations
@@ -205,6 +204,16 @@ def bad_models_option(ws: Path, case: Path) -> dict[str, str]:
     return {"--models": str(ws / "quantize")}
 
 
+def export_models(damage: Callable[[Path], None]) -> Setup:
+    """``export --models`` on a copy of the RTN folder, its model file damaged by ``damage``."""
+
+    def setup(ws: Path, case: Path) -> dict[str, str]:
+        damage(_rtn_copy(ws, case) / "w2a4.pt")
+        return {"--models": str(case / "rtn")}
+
+    return setup
+
+
 def plan(groups: Any) -> Setup:
     def setup(ws: Path, case: Path) -> dict[str, str]:
         (case / "plan.json").write_text(groups if isinstance(groups, str) else json.dumps({"groups": groups}))
@@ -332,6 +341,8 @@ CASES = [
          {"sensitivity": {"candidate_bits": [2, 9]}}),
     Case("sens-bits-order", "sensitivity", "sensitivity.candidate_bits must be strictly increasing",
          {"sensitivity": {"candidate_bits": [4, 2]}}),
+    Case("sens-metric", "sensitivity", "sensitivity.metric must be one of 'fisher', 'mse', 'kl'; got 'kld'",
+         {"sensitivity": {"metric": "kld"}}),
     Case("predict-batch-0", "predict", "predict.batch_size must be >= 1, got 0", {"predict": {"batch_size": 0}}),
     Case("eval-topk-no-1", "evaluate", "evaluate.topk must be distinct integers >= 1 including 1",
          {"evaluate": {"topk": [5]}}),
@@ -414,6 +425,18 @@ CASES = [
          setup=future_rtn),
     Case("rtn-missing-key", "predict", "rtn/w2a4.pt does not fit model resnet20: ", setup=mismatched_rtn),
     Case("models-empty", "predict", "no quantized models (*.pt) in {case}/none", setup=empty_models),
+    Case("export-opset", "export", "export.opset must be an integer in 13..23, got 11", {"export": {"opset": 11}}),
+    Case("export-int4-opset", "export", "containers 'int4' needs opset >= 21",
+         {"export": {"opset": 17, "containers": "int4"}}),
+    Case("export-unknown-key", "export", "did you mean 'opset'", {"export": {"opsett": 21}}),
+    Case("export-agreement", "export", "percentages in [0, 100]", {"export": {"min_agreement": 120}}),
+    Case("export-garbage-model", "export", "rtn/w2a4.pt cannot be loaded safely (weights_only=True)",
+         setup=export_models(lambda p: p.write_bytes(b"\x00garbage" * 50))),
+    Case("export-state-dict", "export", "rtn/w2a4.pt is not a ptqflow quantized model",
+         setup=export_models(lambda p: torch.save(build_model("resnet20").state_dict(), p))),
+    Case("export-empty", "export", "no quantized models (*.pt) in {case}/none",
+         setup=lambda ws, case: (case / "none").mkdir() or {"--models": str(case / "none")}),
+    Case("export-test-garbage", "export", "split.pt is not a valid prepare output", setup=garbage_split("--test")),
     Case("models-option", "predict", "--models takes METHOD=FOLDER", setup=bad_models_option),
     # unit plans
     Case("plan-order", "reconstruct", "unit plan does not match the model",
@@ -437,6 +460,7 @@ OUTPUTS = {  # every declared output of each stage, relative to the case folder
     "plan": ["out/plan", "out/plan-plots"],
     "predict": ["out/predict"],
     "evaluate": ["out/evaluate.json", "out/eval-plots"],
+    "export": ["out/export", "out/export.json"],
 }
 
 
@@ -483,6 +507,12 @@ def _stage_args(stage: str, ws: Path, case: Path) -> dict[str, str]:
             "--out": str(out / "evaluate.json"),
             "--plots": str(out / "eval-plots"),
         },
+        "export": {
+            "--models": str(ws / "quantize"),
+            "--test": str(ws / "prepare" / "test.pt"),
+            "--out": str(out / "export"),
+            "--metrics": str(out / "export.json"),
+        },
     }[stage]
 
 
@@ -499,6 +529,7 @@ def _base_params(ws: Path) -> dict[str, Any]:
         "plan": {"reference": "w2a4", "k": 1},
         "predict": {"batch_size": 10},
         "evaluate": {"topk": [1, 5]},
+        "export": {"opset": 21},
     }
 
 

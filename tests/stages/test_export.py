@@ -76,24 +76,4 @@ def test_export_writes_checked_artifacts_deterministically(workspace: Path) -> N
         assert (workspace / "again" / path.name).read_bytes() == path.read_bytes(), path.name
 
 
-@pytest.mark.parametrize(
-    ("params", "message"),
-    [
-        ("export: {opsett: 21}\n", "did you mean 'opset'"),
-        ("export: {opset: 17, containers: int4}\n", "containers 'int4' needs opset >= 21"),
-        ("export: {opset: 11}\n", "export.opset must be an integer in 13..23"),
-        ("export: {containers: int2}\n", "export.containers must be one of"),
-        ("export: {min_agreement: 120}\n", "percentages in [0, 100]"),
-    ],
-)
-def test_bad_input_is_one_line_exit_2_nothing_written(workspace: Path, params: str, message: str) -> None:
-    code, out = _invoke(workspace, params, out="bad")
-    assert code == 2 and message in out and "Traceback" not in out
-    assert len(out.strip().splitlines()) == 1
-    assert not (workspace / "bad").exists() and not (workspace / "bad.json").exists()
-
-
-def test_empty_models_folder_exits_2(tmp_path: Path) -> None:
-    (tmp_path / "models").mkdir()
-    code, out = _invoke(tmp_path, PARAMS)
-    assert code == 2 and "no quantized models" in out
+# Bad export params and model files: tests/stages/test_bad_input.py (the catalogue's export-* cases).

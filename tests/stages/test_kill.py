@@ -101,6 +101,19 @@ STAGES: dict[str, tuple[list[str], list[str]]] = {
         ["--predictions", "data/predict", "--out", "metrics/evaluate.json", "--plots", "plots/evaluate"],
         ["metrics/evaluate.json", "plots/evaluate"],
     ),
+    "export": (
+        [
+            "--models",
+            "data/reconstruct",
+            "--test",
+            "data/prepare/test.pt",
+            "--out",
+            "data/export",
+            "--metrics",
+            "metrics/export.json",
+        ],
+        ["data/export", "metrics/export.json"],
+    ),
 }
 RESUME = "data/reconstruct.resume"
 
@@ -281,7 +294,7 @@ def test_killed_reconstruct_resumes_byte_identical(reference: Reference) -> None
 
 
 @pytest.mark.slow
-def test_kill_every_stage_25_times(reference: Reference) -> None:
+def test_kill_every_stage_five_times(reference: Reference) -> None:
     done = [kill_and_rerun(reference, t) for t in trials(2026, 5, reference)]
     killed = [t for t in done if t.killed]
     summary = {
