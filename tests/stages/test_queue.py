@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ import pytest
 import torch
 import yaml
 from helpers import write_fake_fashion_mnist
+from tiny_repo import copy_pipeline
 
 from ptqflow.models import build_model
 
@@ -36,13 +36,7 @@ def _outs(lock: dict, stage: str) -> dict[str, str]:
 @pytest.mark.slow
 def test_two_queue_workers_keep_their_outputs_apart(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
-    repo.mkdir()
-    for item in ("src", "stages", "dvc.yaml"):
-        src = ROOT / item
-        if src.is_dir():
-            shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, repo / item)
+    copy_pipeline(repo)
     write_fake_fashion_mnist(repo / "fm", train=64, test=30)
     (repo / "weights").mkdir()
     torch.manual_seed(0)

@@ -71,9 +71,8 @@ def write_params(repo: Path, params: dict[str, Any]) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def make_tiny_repo(repo: Path, data_root: Path, weights_seed: int = 0) -> Path:
-    """Copy the pipeline (code, dvc.yaml) into ``repo``, add random-init ResNet-20 weights (in git) and
-    tiny params, ``git init`` + ``dvc init`` and commit. Returns ``repo``."""
+def copy_pipeline(repo: Path) -> None:
+    """Copy the library, the stages and the root dvc.yaml into ``repo`` (created if needed)."""
     repo.mkdir(parents=True, exist_ok=True)
     for item in ("src", "stages", "dvc.yaml"):
         src = ROOT / item
@@ -81,6 +80,12 @@ def make_tiny_repo(repo: Path, data_root: Path, weights_seed: int = 0) -> Path:
             shutil.copytree(src, repo / item, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, repo / item)
+
+
+def make_tiny_repo(repo: Path, data_root: Path, weights_seed: int = 0) -> Path:
+    """Copy the pipeline (code, dvc.yaml) into ``repo``, add random-init ResNet-20 weights (in git) and
+    tiny params, ``git init`` + ``dvc init`` and commit. Returns ``repo``."""
+    copy_pipeline(repo)
     (repo / "weights").mkdir()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(weights_seed)
