@@ -2,7 +2,7 @@
 
 Everything in one process per model, on the pipeline's calibration set (data/prepare/calibration.pt,
 1024 images, seed 1005; run ``dvc repro prepare`` first), the ``brecq`` placement convention and the same
-reconstruction settings for every row (QDrop, keep_prob 0.5, ``--iters`` per unit, seed 0):
+reconstruction settings for every row (QDrop, keep_prob 0.5, ``--iters`` per unit, ``--seed``, default 0):
 
 * mixed precision: BRECQ sensitivity tables (``--metric``, default Fisher; candidates 2/4/8; 256
   samples), NSGA-II size front, the least-sensitive point at <= 3.0 average weight bits (the size of
@@ -53,7 +53,7 @@ def _rtn(fp: torch.nn.Module, store: FeatureStore, w: int, a: int) -> QuantModel
 
 def _qdrop(model: QuantModel, store: FeatureStore, groups: list[list[int]], recon: ReconConfig) -> QuantModel:
     model = copy.deepcopy(model)
-    torch.manual_seed(0)
+    torch.manual_seed(recon.seed)
     reconstruct(model, store, groups, recon, DEVICE, skip=frozenset({0}))  # brecq convention: the stem stays RTN
     return model
 
@@ -67,6 +67,7 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, nargs="+", default=[2, 4, 8], help="candidate weight bits")
     parser.add_argument("--no-mrecg", action="store_true", help="only the mixed-precision rows")
     parser.add_argument("--metric", choices=["fisher", "mse", "kl"], default="fisher", help="sensitivity metric")
+    parser.add_argument("--seed", type=int, default=0, help="reconstruction seed (the search keeps seed 0)")
     parser.add_argument("--rtn-only", action="store_true", help="skip reconstruction (RTN columns only)")
     args = parser.parse_args()
     test = load_split(ROOT / "data" / "prepare" / "test.pt")
@@ -87,7 +88,9 @@ def main() -> None:
         for name in args.models:
             fp = pretrained(name)
             store = build_store(fp, 1024, Path(tmp) / f"{name}.zarr")
-            recon = ReconConfig(method="qdrop", iters=args.iters, reg_weight=REG_WEIGHT.get(name, 0.01), seed=0)
+            recon = ReconConfig(
+                method="qdrop", iters=args.iters, reg_weight=REG_WEIGHT.get(name, 0.01), seed=args.seed
+            )
 
             def qdrop(
                 model: QuantModel, groups: list[list[int]], store: FeatureStore = store, r: ReconConfig = recon
@@ -143,7 +146,7 @@ def main() -> None:
                         merged,
                     ]
                 )
-    print(f"\n{args.iters} iterations per unit, batch 32, seed 0, brecq convention, device {DEVICE}\n")
+    print(f"\n{args.iters} iterations per unit, batch 32, seed {args.seed}, brecq convention, device {DEVICE}\n")
     print("\n".join(lines))
 
 

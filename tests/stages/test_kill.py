@@ -305,4 +305,6 @@ def test_kill_every_stage_five_times(reference: Reference) -> None:
     }
     print(summary)
     assert len(done) >= 20 and len(killed) >= 10, summary
-    assert summary["reconstruct resumed"] >= 1, summary
+    # Whether a random kill lands after one of reconstruct's checkpoints depends on the machine's speed;
+    # every trial asserts it resumed exactly when a checkpoint was left, and
+    # test_killed_reconstruct_resumes_byte_identical kills after a checkpoint on purpose.
