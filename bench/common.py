@@ -10,6 +10,7 @@ from ptqflow.data import normalize
 from ptqflow.features import FeatureStore, FeatureStoreWriter, extract_features
 from ptqflow.fold import fold_bn
 from ptqflow.models import build_model, load_weights
+from ptqflow.quant.model import QuantConfig, QuantModel, build_quant_model, calibrate_activations
 from ptqflow.units import extract_units
 from stages.common import load_split
 
@@ -36,3 +37,13 @@ def build_store(fp: torch.nn.Module, samples: int, path: Path) -> FeatureStore:
     batches = ((x[i : i + 64], data.labels[i : i + 64]) for i in range(0, len(x), 64))
     extract_features([u.module for u in units], batches, writer, DEVICE)
     return FeatureStore.open(path)
+
+
+def rtn_model(
+    fp: torch.nn.Module, store: FeatureStore, config: QuantConfig, device: torch.device = DEVICE
+) -> QuantModel:
+    """The round-to-nearest model of ``fp``: weight ranges searched, activation ranges from the store's
+    first 256 unit inputs (batches of 64), as the ``quantize`` stage does."""
+    model = build_quant_model(fp, config)
+    calibrate_activations(model, lambda unit: store.iter_inputs(unit, 64, 256), 2.4, device)
+    return model

@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import torch
-from common import ROOT, build_store, pretrained
+from common import ROOT, build_store, pretrained, rtn_model
 
 from ptqflow.data import normalize
 from ptqflow.evaluate import predict_logits
 from ptqflow.export import ExportConfig, compare_logits, export_onnx, onnx_logits
-from ptqflow.quant.model import QuantConfig, build_quant_model, calibrate_activations
+from ptqflow.quant.model import QuantConfig
 from stages.common import load_split
 
 CPU = torch.device("cpu")  # onnxruntime runs on the CPU; compare on the same device
@@ -47,8 +47,7 @@ def main() -> None:
             for pair in args.bits:
                 w, a = (int(b) for b in pair.split("/"))
                 start = time.perf_counter()
-                model = build_quant_model(fp, QuantConfig(weight_bits=w, act_bits=a))
-                calibrate_activations(model, lambda u, s=store: s.iter_inputs(u, 64, 256), 2.4, CPU)
+                model = rtn_model(fp, store, QuantConfig(weight_bits=w, act_bits=a), CPU)
                 model.eval()
                 onnx_bytes, _ = export_onnx(model, normalize(test.images[:1]), ExportConfig())
                 reference = predict_logits(model, test, args.batch_size, normalize, CPU)

@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import torch
-from common import DEVICE, ROOT, build_store, pretrained
+from common import DEVICE, ROOT, build_store, pretrained, rtn_model
 
 from ptqflow.data import normalize
 from ptqflow.evaluate import accuracy, predict_logits
-from ptqflow.quant.model import QuantConfig, build_quant_model, calibrate_activations
+from ptqflow.quant.model import QuantConfig
 from ptqflow.recon.reconstruct import ReconConfig, reconstruct
 from stages.common import load_split
 
@@ -53,8 +53,7 @@ def main() -> None:
             fp_top1 = top1(fp)
             for bits in args.bits:
                 w, a = (int(b) for b in bits.split("/"))
-                rtn = build_quant_model(fp, QuantConfig(weight_bits=w, act_bits=a, convention=args.convention))
-                calibrate_activations(rtn, lambda i, s=store: s.iter_inputs(i, 64, 256), 2.4, DEVICE)
+                rtn = rtn_model(fp, store, QuantConfig(weight_bits=w, act_bits=a, convention=args.convention))
                 row = [name, bits, f"{fp_top1:.2f}", f"{top1(rtn):.2f}"]
                 for method in args.methods:
                     model = copy.deepcopy(rtn)

@@ -24,13 +24,13 @@ import time
 from pathlib import Path
 
 import torch
-from common import DEVICE, ROOT, build_store, pretrained
+from common import DEVICE, ROOT, build_store, pretrained, rtn_model
 
 from ptqflow.data import normalize
 from ptqflow.evaluate import accuracy, predict_logits
 from ptqflow.features import FeatureStore
 from ptqflow.plan import mrecg_groups
-from ptqflow.quant.model import QuantConfig, QuantModel, build_quant_model, calibrate_activations, set_weight_bits
+from ptqflow.quant.model import QuantConfig, QuantModel, set_weight_bits
 from ptqflow.recon.reconstruct import ReconConfig, reconstruct
 from ptqflow.search import BitSpace, SearchConfig, pareto_front, select
 from ptqflow.sensitivity import (
@@ -46,9 +46,7 @@ REG_WEIGHT = {"resnet20": 0.01, "mobilenetv2_s": 0.1}
 
 
 def _rtn(fp: torch.nn.Module, store: FeatureStore, w: int, a: int) -> QuantModel:
-    model = build_quant_model(fp, QuantConfig(weight_bits=w, act_bits=a))
-    calibrate_activations(model, lambda u: store.iter_inputs(u, 64, 256), 2.4, DEVICE)
-    return model
+    return rtn_model(fp, store, QuantConfig(weight_bits=w, act_bits=a))
 
 
 def _qdrop(model: QuantModel, store: FeatureStore, groups: list[list[int]], recon: ReconConfig) -> QuantModel:

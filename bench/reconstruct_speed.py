@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 from common import DEVICE as CPU
-from common import build_store, pretrained
+from common import build_store, pretrained, rtn_model
 
-from ptqflow.quant.model import QuantConfig, build_quant_model, calibrate_activations
+from ptqflow.quant.model import QuantConfig
 from ptqflow.recon.reconstruct import ReconConfig, reconstruct
 
 
@@ -30,8 +30,7 @@ def bench(name: str, iters: int, samples: int, work: Path) -> list[tuple[str, fl
     fp = pretrained(name)
     store = build_store(fp, samples, work / f"{name}.zarr")
     units = store.units
-    model = build_quant_model(fp, QuantConfig(weight_bits=2, act_bits=4))
-    calibrate_activations(model, lambda i: store.iter_inputs(i, 64, 256), 2.4, CPU)
+    model = rtn_model(fp, store, QuantConfig(weight_bits=2, act_bits=4), CPU)
     stamps: dict[str, list[float]] = {}
 
     def progress(total: int, label: str) -> Callable[[int, float], None]:

@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import torch
-from helpers import randomize_bn
+from helpers import calibrate_on, randomize_bn
 
 from ptqflow.data import LabelledImages
 from ptqflow.evaluate import accuracy, freeze_weights, predict_logits
 from ptqflow.models import build_model
-from ptqflow.quant.model import QuantConfig, build_quant_model, calibrate_activations
+from ptqflow.quant.model import QuantConfig, build_quant_model
 
 
 def _quantized() -> torch.nn.Module:
     model = build_quant_model(randomize_bn(build_model("resnet20")), QuantConfig(weight_bits=2, act_bits=4))
-    x = torch.randn(8, 1, 28, 28)
-    model.set_quant_state(False, False)
-    with torch.no_grad():
-        inputs = [x]
-        for unit in model.units[:-1]:
-            inputs.append(unit(inputs[-1]))
-    calibrate_activations(model, lambda i: iter([inputs[i]]), 2.4, torch.device("cpu"))
-    return model
+    return calibrate_on(model, torch.randn(8, 1, 28, 28))
 
 
 def test_frozen_weights_give_identical_logits() -> None:

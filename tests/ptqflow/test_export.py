@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
-from helpers import TinyMobileNet, TinyResNet, randomize_bn
+from helpers import TinyMobileNet, TinyResNet, calibrate_on, randomize_bn
 
 from ptqflow.data import LabelledImages
 from ptqflow.errors import ConfigError, ModelError
@@ -20,7 +20,7 @@ from ptqflow.export import (
     quant_table,
     tensor_quants,
 )
-from ptqflow.quant.model import QuantConfig, QuantModel, build_quant_model, calibrate_activations
+from ptqflow.quant.model import QuantConfig, QuantModel, build_quant_model
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -36,12 +36,7 @@ def _quantized(kind: str, bits: int, seed: int = 0) -> tuple[QuantModel, torch.T
     fp = randomize_bn(MODELS[kind](), seed)
     model = build_quant_model(fp, QuantConfig(weight_bits=bits, act_bits=bits, first_last_weight_bits=None))
     x = torch.randn(64, 3, 8, 8)
-    model.set_quant_state(False, False)
-    with torch.no_grad():
-        inputs = [x[:16]]  # a small calibration batch keeps the Lp range search quick
-        for unit in model.units[:-1]:
-            inputs.append(unit(inputs[-1]))
-    calibrate_activations(model, lambda i: iter([inputs[i]]), 2.4, torch.device("cpu"))
+    calibrate_on(model, x[:16])  # a small calibration batch keeps the Lp range search quick
     return model, x
 
 

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from helpers import randomize_bn
+from helpers import calibrate_on, randomize_bn
 
 from ptqflow.atomic import atomic_save_torch
 from ptqflow.models import build_model
-from ptqflow.quant.model import QuantConfig, build_quant_model, calibrate_activations, quant_payload
+from ptqflow.quant.model import QuantConfig, build_quant_model, quant_payload
 from stages.cli import cli
 
 pytest.importorskip("onnx")
@@ -27,13 +27,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.save({"images": images, "labels": torch.arange(40) % 10}, root / "test.pt")
     calib = torch.randn(2, 1, 28, 28)  # a tiny calibration batch keeps the range search quick
     for name, bits in (("w4a4", 4), ("w2a4", 2)):
-        model = build_quant_model(fp, QuantConfig(weight_bits=bits, act_bits=4))
-        model.set_quant_state(False, False)
-        with torch.no_grad():
-            inputs = [calib]
-            for unit in model.units[:-1]:
-                inputs.append(unit(inputs[-1]))
-        calibrate_activations(model, lambda i, inputs=inputs: iter([inputs[i]]), 2.4, torch.device("cpu"))
+        model = calibrate_on(build_quant_model(fp, QuantConfig(weight_bits=bits, act_bits=4)), calib)
         atomic_save_torch(quant_payload(model, "resnet20", QuantConfig(weight_bits=bits, act_bits=4)),
                           root / "models" / f"{name}.pt")  # fmt: skip
     return root

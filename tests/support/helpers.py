@@ -12,6 +12,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from ptqflow.data import FASHION_MNIST_FILES
+from ptqflow.quant.model import QuantModel, calibrate_activations
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -114,3 +115,15 @@ def write_fake_image_folder(
                 ext = "JPEG" if i % 2 == 0 else "png"
                 image.save(folder / f"img_{i:04d}.{ext}")
     return root
+
+
+def calibrate_on(model: QuantModel, x: torch.Tensor) -> QuantModel:
+    """Initialise ``model``'s activation ranges on one batch ``x``: each unit's FP input (quantization
+    off while propagating), then the Lp (2.4) search on CPU. Returns ``model``, quantization back on."""
+    model.set_quant_state(False, False)
+    with torch.no_grad():
+        inputs = [x]
+        for unit in model.units[:-1]:
+            inputs.append(unit(inputs[-1]))
+    calibrate_activations(model, lambda i: iter([inputs[i]]), 2.4, torch.device("cpu"))
+    return model

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import randomize_bn
+from helpers import calibrate_on, randomize_bn
 
 from ptqflow.atomic import atomic_save_torch
 from ptqflow.errors import ConfigError, ModelError
@@ -13,7 +13,6 @@ from ptqflow.quant.model import (
     QuantConfig,
     QuantModel,
     build_quant_model,
-    calibrate_activations,
     load_quant_file,
     quant_payload,
 )
@@ -22,13 +21,7 @@ from ptqflow.quant.model import (
 def _calibrated(fp: torch.nn.Module, config: QuantConfig) -> tuple[QuantModel, torch.Tensor]:
     model = build_quant_model(fp, config)
     x = torch.randn(16, 1, 28, 28)
-    model.set_quant_state(False, False)
-    with torch.no_grad():
-        inputs = [x]
-        for unit in model.units[:-1]:
-            inputs.append(unit(inputs[-1]))
-    calibrate_activations(model, lambda i: iter([inputs[i]]), 2.4, torch.device("cpu"))
-    return model, x
+    return calibrate_on(model, x), x
 
 
 @pytest.mark.parametrize("name", ["resnet20", "mobilenetv2_s"])
