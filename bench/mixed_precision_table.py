@@ -119,6 +119,7 @@ def main() -> None:
             # Mixed precision at the size of uniform 3-bit weights.
             w3a4 = _rtn(fp, store, 3, 4)
             infos = layer_infos(w3a4, store.unit(store.units[0]).inputs(slice(0, 1)), 8)
+            hand_bits = {row: _hand_bits(infos, prefixes) for row, prefixes in hand.items()}  # fail before the search
             began = time.perf_counter()
             sens_config = SensitivityConfig(candidate_bits=tuple(args.candidates), metric=args.metric)
             tables = unit_sensitivities(w3a4, store, infos, sens_config, 2.4, DEVICE)
@@ -135,8 +136,7 @@ def main() -> None:
                 f"mixed {'/'.join(map(str, args.candidates))} {args.metric} "
                 f"(search {search_seconds:.0f}s, {len(front)} points)": (point["bits"], point["avg_bits"])
             }
-            for row, prefixes in hand.items():
-                bits = _hand_bits(infos, prefixes)
+            for row, bits in hand_bits.items():
                 rows[f"hand: {row}"] = (bits, _avg_bits(infos, bits))
             for row, (bits, avg) in rows.items():
                 model = copy.deepcopy(w3a4)
