@@ -5,7 +5,8 @@ Everything in one process per model, on the pipeline's calibration set (data/pre
 reconstruction settings for every row (QDrop, keep_prob 0.5, ``--iters`` per unit, ``--seed``, default 0):
 
 * mixed precision: BRECQ sensitivity tables (``--metric``, default Fisher; candidates 2/4/8; 256
-  samples), NSGA-II size front, the least-sensitive point at <= 3.0 average weight bits (the size of
+  samples), the size front (``--algorithm``: ``exact``, the pipeline's default, or ``nsga2`` with
+  population 50 and 60 generations), the least-sensitive point at <= 3.0 average weight bits (the size of
   uniform 3-bit weights; first conv and fc stay 8-bit in both), activations 4-bit; compared with uniform
   W3A4. RTN and QDrop for both.
 * hand-set configurations (``--hand FILE``, JSON ``{"row name": {"layer-name prefix": bits}}``): every
@@ -21,7 +22,8 @@ reconstruction seeds, followed by the single values; the ``paired`` line of each
 sd of (row - uniform W3A4) over the same seeds.
 
     python bench/mixed_precision_table.py [--iters 300] [--models resnet20 mobilenetv2_s] [--k 2]
-        [--candidates 2 4 8] [--metric fisher|mse|kl] [--seeds 0 1 2] [--hand FILE] [--no-mrecg]
+        [--candidates 2 4 8] [--metric fisher|mse|kl] [--algorithm exact|nsga2] [--seeds 0 1 2] [--hand FILE]
+        [--no-mrecg]
         [--plan-form data_dependent|stage_boundary] [--rtn-only]
 """
 
@@ -79,6 +81,7 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, nargs="+", default=[2, 4, 8], help="candidate weight bits")
     parser.add_argument("--no-mrecg", action="store_true", help="only the mixed-precision rows")
     parser.add_argument("--metric", choices=["fisher", "mse", "kl"], default="fisher", help="sensitivity metric")
+    parser.add_argument("--algorithm", choices=["exact", "nsga2"], default="exact", help="front search")
     parser.add_argument(
         "--seeds", "--seed", type=int, nargs="+", default=[0], help="reconstruction seeds (the search keeps seed 0)"
     )
@@ -124,7 +127,8 @@ def main() -> None:
             sens_config = SensitivityConfig(candidate_bits=tuple(args.candidates), metric=args.metric)
             tables = unit_sensitivities(w3a4, store, infos, sens_config, 2.4, DEVICE)
             space = BitSpace(infos, tables, act_bits=4)
-            front = pareto_front(space, "size", SearchConfig(pop_size=50, generations=60, seed=0))
+            search = SearchConfig(algorithm=args.algorithm, pop_size=50, generations=60, seed=0)
+            front = pareto_front(space, "size", search)
             point = select(front, "avg_bits", args.budget)
             search_seconds = time.perf_counter() - began
             print(f"{name} search pick: {json.dumps(point['bits'])}", flush=True)
@@ -133,7 +137,7 @@ def main() -> None:
             uniform = qdrop(w3a4, blocks)
             emit([name, "uniform", "3/4", "3.00", f"{top1(w3a4):.2f}", _cell(uniform), "", ""])
             rows = {
-                f"mixed {'/'.join(map(str, args.candidates))} {args.metric} "
+                f"mixed {'/'.join(map(str, args.candidates))} {args.metric} {args.algorithm} "
                 f"(search {search_seconds:.0f}s, {len(front)} points)": (point["bits"], point["avg_bits"])
             }
             for row, bits in hand_bits.items():

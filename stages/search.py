@@ -1,4 +1,4 @@
-"""Stage ``search``: NSGA-II mixed-precision search; stores the whole Pareto front of every cost.
+"""Stage ``search``: mixed-precision search (exact or NSGA-II); stores the whole Pareto front of every cost.
 
 Reads ``data/sensitivity/tables.json``; writes ``data/search/front.json`` (one front per cost in
 ``search.costs``, each point with its bits per layer) and, for ``dvc plots show``, one table per front:
@@ -42,7 +42,8 @@ class SearchStageConfig(SearchConfig):
 
     def library(self) -> SearchConfig:
         """The library config."""
-        return SearchConfig(pop_size=self.pop_size, generations=self.generations, seed=self.seed, costs=self.costs)
+        fields = ("algorithm", "pop_size", "generations", "seed", "costs")
+        return SearchConfig(**{name: getattr(self, name) for name in fields})
 
 
 def load_space(path: Path, act_bits: int) -> tuple[BitSpace, dict[str, Any]]:

@@ -1,19 +1,30 @@
-"""Genetic mixed-precision search and budget selection (BRECQ section 3.4).
+"""Mixed-precision search and budget selection (BRECQ section 3.4).
 
 The search minimises, over one weight bit-width per searchable layer, the summed unit sensitivity
 (:mod:`ptqflow.sensitivity`) against a hardware cost -- model size (weight bits) or BitOPs
-(``sum_j MACs_j * b_w,j * b_a,j``). Rather than one run per budget, NSGA-II (Deb et al. 2002, via
-pymoo) finds the whole Pareto front of (sensitivity, cost) once; :func:`select` then picks the
-least-sensitive point under any budget without searching again.
+(``sum_j MACs_j * b_w,j * b_a,j``). Rather than one run per budget, the whole Pareto front of
+(sensitivity, cost) is found once; :func:`select` then picks the least-sensitive point under any budget
+without searching again. Two algorithms compute the front:
 
-pymoo provides the evolutionary machinery: integer genes (indices into the candidate bits), simulated
-binary crossover and polynomial mutation with rounding repair, non-dominated sorting with crowding.
-The run is seeded; the stored front is the non-dominated set of *every* configuration evaluated
-during the run (not only the last population), sorted by cost, so equal inputs give equal bytes.
+* ``exact`` (:func:`exact_front`) -- dynamic programming over units. Both objectives are sums of
+  per-unit terms (BRECQ's additivity assumption across units, eq. 10; costs are per layer), so the
+  front of units ``1..k`` is built from the front of ``1..k-1`` and unit ``k``'s assignments, keeping
+  only non-dominated partial sums: a Pareto-optimal configuration's restriction to any prefix of units
+  is itself Pareto-optimal among prefixes, or replacing that prefix would dominate it. The result is the
+  true front of the additive model, in a second for the embedded models.
+* ``nsga2`` -- the genetic search of BRECQ, NSGA-II (Deb et al. 2002) via pymoo: integer genes (indices
+  into the candidate bits), simulated binary crossover and polynomial mutation with rounding repair,
+  non-dominated sorting with crowding. The stored front is the non-dominated set of *every*
+  configuration evaluated during the run (not only the last population). On the embedded ResNet-20 it
+  stops well short of the exact front (README, ``bench/search_quality.py``).
+
+Both are deterministic (the GA under its seed); the front is sorted by cost, so equal inputs give equal
+bytes.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -23,30 +34,35 @@ import numpy as np
 from ptqflow.errors import ConfigError
 from ptqflow.sensitivity import LayerInfo, UnitSensitivity
 
-__all__ = ["BUDGET_KINDS", "BitSpace", "SearchConfig", "pareto_front", "select"]
+__all__ = ["BUDGET_KINDS", "BitSpace", "SearchConfig", "exact_front", "pareto_front", "select"]
 
 Cost = Literal["size", "bitops"]
+Algorithm = Literal["exact", "nsga2"]
 #: Budget kinds :func:`select` accepts, and the front each one is read from.
 BUDGET_KINDS: dict[str, Cost] = {"size_mb": "size", "avg_bits": "size", "bitops": "bitops"}
 
 
 @dataclass(frozen=True)
 class SearchConfig:
-    """NSGA-II settings.
+    """Search settings.
 
     Args:
-        pop_size: individuals per generation (the uniform configurations are always among the first).
-        generations: generations to run.
-        seed: seeds pymoo's generator and the initial population.
+        algorithm: ``exact`` (dynamic programming over units) or ``nsga2`` (pymoo's genetic search).
+        pop_size: NSGA-II individuals per generation (the uniform configurations are always among the first).
+        generations: NSGA-II generations to run.
+        seed: seeds pymoo's generator and the initial population (NSGA-II).
         costs: the fronts to compute: ``size`` (weight bits) and/or ``bitops``.
     """
 
+    algorithm: Algorithm = "exact"
     pop_size: int = 50
     generations: int = 100
     seed: int = 0
     costs: tuple[Cost, ...] = ("size", "bitops")
 
     def __post_init__(self) -> None:
+        if self.algorithm not in ("exact", "nsga2"):
+            raise ConfigError(f"algorithm must be 'exact' or 'nsga2', got {self.algorithm!r}")
         if self.pop_size < 4:
             raise ConfigError(f"pop_size must be >= 4, got {self.pop_size}")
         if self.generations < 1:
@@ -115,6 +131,10 @@ class BitSpace:
         """The cost function called ``name``."""
         return self.size_mb if name == "size" else self.bitops
 
+    def cost_weights(self, name: Cost) -> np.ndarray:
+        """Per gene, what one weight bit adds to the cost ``name`` (monotone in it; offsets dropped)."""
+        return self._params if name == "size" else self._macs_a
+
     def bits_of(self, x: np.ndarray) -> dict[str, int]:
         """Weight bits per layer name (pinned layers included) for one configuration."""
         genes = {g.name: self.candidates[int(c)] for g, c in zip(self.genes, x, strict=True)}
@@ -146,16 +166,82 @@ def _nondominated(x: np.ndarray, f: np.ndarray) -> np.ndarray:
 
 
 def pareto_front(space: BitSpace, cost: Cost, config: SearchConfig) -> list[dict[str, Any]]:
-    """NSGA-II over ``space``; the non-dominated set of every evaluated configuration, by cost.
+    """The Pareto front of summed sensitivity against ``cost``, by ``config.algorithm``.
 
     Args:
         space: genes and objectives.
         cost: ``size`` or ``bitops``.
-        config: population, generations, seed.
+        config: algorithm; population, generations and seed for NSGA-II.
 
     Returns:
-        Front points (:meth:`BitSpace.describe`), cost ascending, sensitivity descending.
+        Front points (:meth:`BitSpace.describe`), cost ascending, sensitivity strictly descending.
     """
+    genes = exact_front(space, cost) if config.algorithm == "exact" else _nsga2(space, cost, config)
+    objectives = np.column_stack([space.sensitivity(genes), space.cost(cost)(genes)])
+    return [space.describe(genes[i]) for i in _nondominated(genes, objectives)]
+
+
+def exact_front(space: BitSpace, cost: Cost) -> np.ndarray:
+    """Genes ``(points, genes)`` of the exact Pareto front of the additive model, by dynamic programming.
+
+    Units are added one at a time; after each, only the non-dominated partial configurations (cost,
+    summed loss) are kept, with back-pointers to rebuild the genes. A unit's options are its
+    assignments, except where its table makes some dominated: in ``lowest_subsets`` mode every bit-width
+    above the second-lowest has the second-lowest's loss at a higher cost, so only ``2^L`` patterns are
+    options; in ``additive`` mode each layer is an independent part with ``C`` options. So no unit
+    offers more options than it has measurements.
+    """
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (gene indices, options, losses)
+    for unit, genes in zip(space.units, space.unit_genes, strict=True):
+        parts.extend(_unit_parts(unit, genes, len(space.candidates)))
+    weights = space.cost_weights(cost)
+    total_cost, total_loss = np.zeros(1), np.zeros(1)
+    trail = []
+    for genes, options, losses in parts:
+        option_cost = (space._bits[options] * weights[genes][None, :]).sum(axis=1)
+        cost_all = (total_cost[:, None] + option_cost[None, :]).ravel()
+        loss_all = (total_loss[:, None] + losses[None, :]).ravel()
+        keep = _front_of(cost_all, loss_all)
+        state, option = np.divmod(keep, len(options))
+        trail.append((genes, options, state, option))
+        total_cost, total_loss = cost_all[keep], loss_all[keep]
+    x = np.zeros((len(total_cost), space.num_genes), dtype=np.int64)
+    index = np.arange(len(total_cost))
+    for genes, options, state, option in reversed(trail):
+        x[:, genes] = options[option[index]]
+        index = state[index]
+    return x
+
+
+def _unit_parts(unit: UnitSensitivity, genes: np.ndarray, c: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """A unit's independent parts: (its gene indices, option rows of candidate indices, their losses)."""
+    n = len(genes)
+    if unit.mode == "additive":
+        top = np.full((c, n), c - 1, dtype=np.int64)
+        base = float(unit.losses(top[:1])[0])
+        parts = []
+        for j in range(n):
+            rows = top.copy()
+            rows[:, j] = np.arange(c)
+            losses = unit.losses(rows) - (0.0 if j == 0 else base)  # the base loss is counted once
+            parts.append((genes[j : j + 1], np.arange(c, dtype=np.int64)[:, None], losses))
+        return parts
+    values = range(2) if unit.mode == "lowest_subsets" else range(c)
+    options = np.array(list(itertools.product(values, repeat=n)), dtype=np.int64).reshape(-1, n)
+    return [(genes, options, unit.losses(options))]
+
+
+def _front_of(cost: np.ndarray, loss: np.ndarray) -> np.ndarray:
+    """Indices of the non-dominated (cost, loss) pairs, cost ascending; ties keep the lowest index."""
+    order = np.lexsort((np.arange(len(cost)), loss, cost))
+    best = np.minimum.accumulate(loss[order])
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = loss[order][1:] < best[:-1]
+    return order[first]
+
+
+def _nsga2(space: BitSpace, cost: Cost, config: SearchConfig) -> np.ndarray:
+    """NSGA-II over ``space``: the genes of every configuration it evaluated (deduplicated)."""
     from pymoo.algorithms.moo.nsga2 import NSGA2
     from pymoo.core.problem import Problem
     from pymoo.operators.crossover.sbx import SBX
@@ -189,9 +275,7 @@ def pareto_front(space: BitSpace, cost: Cost, config: SearchConfig) -> list[dict
         eliminate_duplicates=True,
     )
     minimize(_Problem(), algorithm, ("n_gen", config.generations), seed=config.seed, verbose=False)
-    everything = np.unique(np.vstack(evaluated), axis=0)
-    objectives = np.column_stack([space.sensitivity(everything), cost_of(everything)])
-    return [space.describe(everything[i]) for i in _nondominated(everything, objectives)]
+    return np.unique(np.vstack(evaluated), axis=0)
 
 
 def select(front: Sequence[dict[str, Any]], kind: str, value: float) -> dict[str, Any]:

@@ -337,6 +337,8 @@ CASES = [
     Case("search-cost", "search", "search.costs[0] must be one of 'size', 'bitops'",
          {"search": {"costs": ["latency"]}}),
     Case("search-pop", "search", "search.pop_size must be >= 4, got 2", {"search": {"pop_size": 2}}),
+    Case("search-algorithm", "search", "search.algorithm must be one of 'exact', 'nsga2'",
+         {"search": {"algorithm": "ga"}}),
     Case("sens-bits-9", "sensitivity", "must be an integer in 2..8, got 9",
          {"sensitivity": {"candidate_bits": [2, 9]}}),
     Case("sens-bits-order", "sensitivity", "sensitivity.candidate_bits must be strictly increasing",
