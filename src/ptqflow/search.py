@@ -188,8 +188,8 @@ def exact_front(space: BitSpace, cost: Cost) -> np.ndarray:
     summed loss) are kept, with back-pointers to rebuild the genes. A unit's options are its
     assignments, except where its table makes some dominated: in ``lowest_subsets`` mode every bit-width
     above the second-lowest has the second-lowest's loss at a higher cost, so only ``2^L`` patterns are
-    options; in ``additive`` mode each layer is an independent part with ``C`` options. So no unit
-    offers more options than it has measurements.
+    options; in ``additive`` mode each layer is an independent part with ``C`` options. So each step
+    combines the partial front with at most ``max(max_assignments, C)`` options.
     """
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (gene indices, options, losses)
     for unit, genes in zip(space.units, space.unit_genes, strict=True):
