@@ -9,7 +9,7 @@ BitOPs and summed sensitivity of every point).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,7 @@ class SearchStageConfig(SearchConfig):
 
     def library(self) -> SearchConfig:
         """The library config."""
-        fields = ("algorithm", "pop_size", "generations", "seed", "costs")
-        return SearchConfig(**{name: getattr(self, name) for name in fields})
+        return SearchConfig(**{f.name: getattr(self, f.name) for f in fields(SearchConfig)})
 
 
 def load_space(path: Path, act_bits: int) -> tuple[BitSpace, dict[str, Any]]:
