@@ -11,15 +11,14 @@ optimum of the additive model, so the ratio is >= 1). Medians of ``--repeats`` t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 from common import ROOT
 
-from ptqflow.search import BitSpace, SearchConfig, pareto_front, select
-from ptqflow.sensitivity import LayerInfo, UnitSensitivity
+from ptqflow.search import SearchConfig, pareto_front, select
+from stages.search import load_space
 
 
 def main() -> None:
@@ -31,9 +30,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    document = json.loads(args.tables.read_text())
-    infos = [LayerInfo(**layer) for layer in document["layers"]]
-    space = BitSpace(infos, [UnitSensitivity.from_json(t) for t in document["tables"]], act_bits=4)
+    space, document = load_space(args.tables, act_bits=4)
     print(
         f"{document['model']}: {space.num_genes} searchable layers, candidates {list(space.candidates)}, "
         f"{len(space.candidates) ** space.num_genes:.2e} configurations\n"

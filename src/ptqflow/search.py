@@ -154,15 +154,10 @@ class BitSpace:
 
 
 def _nondominated(x: np.ndarray, f: np.ndarray) -> np.ndarray:
-    """Indices of the 2-objective non-dominated rows, sorted by cost (f[:, 1]) then sensitivity."""
-    order = np.lexsort((*x.T[::-1], f[:, 0], f[:, 1]))  # cost, then sensitivity, then genes: stable ties
-    keep = []
-    best = np.inf
-    for i in order:
-        if f[i, 0] < best:
-            keep.append(i)
-            best = f[i, 0]
-    return np.array(keep, dtype=np.int64)
+    """Indices of the 2-objective non-dominated rows, sorted by cost (f[:, 1]) then sensitivity; equal
+    objectives keep the lexicographically smallest genes."""
+    by_genes = np.lexsort(x.T[::-1])
+    return by_genes[_front_of(f[by_genes, 1], f[by_genes, 0])]
 
 
 def pareto_front(space: BitSpace, cost: Cost, config: SearchConfig) -> list[dict[str, Any]]:
