@@ -47,7 +47,7 @@ def run(params: dict[str, Any], calibration: Path, out: Path) -> int:
     device = resolve_device(base.device)
     data, preprocess = load_calibration(calibration)
     model = load_fp_model(base).to(device)
-    extracted = extract_units(fold_bn(model))
+    extracted = extract_units(fold_bn(model), base.float_leaves)
     units = [u.module for u in extracted]
     names = [u.name for u in extracted]
     with torch.no_grad():

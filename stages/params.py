@@ -33,12 +33,16 @@ class BaseConfig:
         weights: the FP state_dict file the pipeline starts from.
         seed: seeds every random draw not seeded by a stage of its own.
         device: ``auto`` picks CUDA when present, else the CPU.
+        float_leaves: module paths (``encoder.layers.0.self_attention``) kept as opaque float ops, for
+            ops the placement rules cannot quantize (the error naming such an op says so). Every model's
+            entry in ``metrics/evaluate.json`` then lists them: it is not quantized as its name says.
     """
 
     model: str = "resnet20"
     weights: str = "data/pretrained/resnet20.pt"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    float_leaves: tuple[str, ...] = ()
 
 
 #: Every top-level section a params file of this project may hold (each pipeline uses a subset).

@@ -57,7 +57,9 @@ def _quant_info(model: QuantModel, qconfig: QuantConfig, example: torch.Tensor) 
     """Size, nominal and average weight bits, and BitOPs of one quantized model."""
     infos = layer_infos(model, example, qconfig.first_last_weight_bits)
     bits = {n: layer.weight_quantizer.bits for n, layer in model.quant_layers()}
+    leaves = {"float_leaves": model.float_leaves} if model.float_leaves else {}  # not quantized as named
     return {
+        **leaves,
         "size_mb": round(model.size_bytes() / 2**20, 4),
         "weight_bits": qconfig.weight_bits,
         "act_bits": qconfig.act_bits,

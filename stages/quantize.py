@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal
@@ -98,7 +98,7 @@ def run(params: dict[str, Any], features: Path, out: Path) -> list[str]:
     fp_model = load_fp_model(base)
     with atomic_dir(out) as tmp:
         for name, pair in track(config.bits.items(), len(config.bits), "quantize"):
-            qconfig = config.quant_config(pair)
+            qconfig = replace(config.quant_config(pair), float_leaves=base.float_leaves)
             model = build_quant_model(fp_model, qconfig).to(device)
             if model.names != store.units:
                 raise StoreError(

@@ -261,7 +261,7 @@ def _marked_copy(model: QuantModel) -> QuantModel:
         for name, layer in unit.quant_layers():
             layer.weight_quantizer = _WeightMark(layer.weight_quantizer, f"{unit_name}.{name}")  # type: ignore[assignment]
         for name, quantizer in list(unit.act_quantizers()):
-            unit.set_submodule(name, _ActMark(quantizer, f"{unit_name}.{name}"))
+            unit.replace_act_quantizer(name, _ActMark(quantizer, f"{unit_name}.{name}"))
     return marked
 
 

@@ -2,11 +2,13 @@
 
 * ``resnet20``: the CIFAR-style ResNet of He et al., "Deep Residual Learning for Image Recognition"
   (CVPR 2016, section 4.2): a 3x3 stem, three stages of three BasicBlocks (16/32/64 channels),
-  global pooling and one linear layer. Built from torchvision's own ``BasicBlock`` so the
-  reconstruction-unit registry treats it exactly like a torchvision ResNet-18. Shortcuts that change
+  global pooling and one linear layer, from torchvision's own ``BasicBlock``. Shortcuts that change
   shape use a 1x1 convolution + BN (the paper's option B).
 * ``mobilenetv2_s``: torchvision's ``MobileNetV2`` (Sandler et al., CVPR 2018) with a narrow
   inverted-residual table for 28x28 inputs and a 1-channel, stride-1 stem.
+* ``mobilenetv3_s``: torchvision's ``MobileNetV3`` (Howard et al., "Searching for MobileNetV3", ICCV
+  2019) narrowed the same way: Hardswish, squeeze-excitation with Hardsigmoid gates -- blocks no
+  per-class code ever covered, quantized by the graph rules alone.
 * any classifier in ``torchvision.models`` by name (``torchvision.resnet18``), weights read from a local
   file -- never downloaded. ``torchvision.regnet_x_600mf`` (in the BRECQ/QDrop tables, not shipped by
   torchvision) is built from torchvision's ``RegNet`` class with the RegNetX-600MF design parameters of
@@ -28,6 +30,7 @@ import torch
 import torchvision
 from torch import nn
 from torchvision.models.mobilenetv2 import MobileNetV2
+from torchvision.models.mobilenetv3 import InvertedResidualConfig, MobileNetV3
 from torchvision.models.regnet import BlockParams, RegNet
 from torchvision.models.resnet import BasicBlock
 from torchvision.ops.misc import Conv2dNormActivation
@@ -42,6 +45,7 @@ __all__ = [
     "load_state_dict_file",
     "load_weights",
     "mobilenetv2_s",
+    "mobilenetv3_s",
     "register_model",
     "regnet_x_600mf",
     "resnet20",
@@ -133,6 +137,37 @@ def mobilenetv2_s(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
         nn.init.kaiming_normal_(m.weight, mode="fan_out")
     nn.init.normal_(model.classifier[-1].weight, 0, 0.01)
     nn.init.zeros_(model.classifier[-1].bias)
+    return model
+
+
+#: MobileNetV3 blocks for 28x28 (Howard et al., ICCV 2019, Table 2 narrowed): (kernel, expanded, out,
+#: squeeze-excitation, activation, stride); 28 -> 14 -> 7, Hardswish and SE in the second half.
+_MBV3_S_SETTING = [
+    (3, 16, 16, True, "RE", 2),
+    (3, 64, 24, False, "RE", 1),
+    (3, 72, 24, False, "RE", 1),
+    (5, 96, 40, True, "HS", 2),
+    (5, 160, 40, True, "HS", 1),
+    (5, 120, 48, True, "HS", 1),
+    (5, 144, 48, True, "HS", 1),
+]
+_MBV3_S_LAST = 256
+
+
+@register_model("mobilenetv3_s")
+def mobilenetv3_s(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
+    """A small MobileNetV3 for 28x28 inputs (torchvision's class): a stride-1 Hardswish stem, seven inverted
+    residuals (ReLU, then Hardswish; squeeze-excitation with a Hardsigmoid gate in four), 0.2 M parameters."""
+    settings = []
+    channels = 16
+    for kernel, expanded, out, se, act, stride in _MBV3_S_SETTING:
+        settings.append(InvertedResidualConfig(channels, kernel, expanded, out, se, act, stride, 1, 1.0))
+        channels = out
+    model = MobileNetV3(settings, last_channel=_MBV3_S_LAST, num_classes=num_classes)
+    model.features[0] = Conv2dNormActivation(
+        in_channels, 16, kernel_size=3, stride=1, norm_layer=nn.BatchNorm2d, activation_layer=nn.Hardswish
+    )
+    nn.init.kaiming_normal_(model.features[0][0].weight, mode="fan_out")
     return model
 
 

@@ -51,12 +51,12 @@ def test_layer_infos_and_data_free_modcap_by_hand(tiny: tuple[QuantModel, Featur
     infos = layer_infos(model, store.unit("stem").inputs(slice(0, 1)), first_last_weight_bits=8)
     by_name = {i.name: i for i in infos}
     # TinyResNet: stem 3->8 3x3; layer1.0 two 8->8 3x3; layer1.1 8->16 3x3 s2, 16->16 3x3, 1x1 s2 shortcut; fc 16->10.
-    assert by_name["stem.segment.conv1"].params == 216 and by_name["stem.segment.conv1"].pinned_bits == 8
-    assert by_name["head.segment.fc"].params == 160 and by_name["head.segment.fc"].pinned_bits == 8
-    assert by_name["layer1.1.conv1"].stride == 2 and by_name["layer1.1.downsample"].params == 128
+    assert by_name["stem.conv1"].params == 216 and by_name["stem.conv1"].pinned_bits == 8
+    assert by_name["head.fc"].params == 160 and by_name["head.fc"].pinned_bits == 8
+    assert by_name["layer1.1.conv1"].stride == 2 and by_name["layer1.1.downsample.0"].params == 128
     assert by_name["layer1.0.conv1"].macs == 8 * 8 * 8 * 72  # H*W*C_out*(C_in*3*3)
     assert by_name["layer1.1.conv2"].macs == 4 * 4 * 16 * 144
-    assert by_name["stem.segment.conv1"].input_bits == 8 and by_name["layer1.0.conv1"].input_bits is None
+    assert by_name["stem.conv1"].input_bits == 8 and by_name["layer1.0.conv1"].input_bits is None
     bits = {i.name: 4 for i in infos}
     capacity = modcap_data_free(infos, 4, bits, alpha=0.5)
     # sum params * bits * alpha^(stride - 1)
@@ -81,7 +81,7 @@ def test_exhaustive_tables_match_a_naive_fisher_reference(tiny: tuple[QuantModel
     # Naive reference for one assignment of layer1.1: (conv1, conv2, downsample) = (2, 8, 4).
     unit = dict(model.named_units())["layer1.1"]
     saved = {n: layer.weight_quantizer for n, layer in unit.quant_layers()}
-    for name, b in zip(["conv1", "conv2", "downsample"], [2, 8, 4], strict=True):
+    for name, b in zip(["conv1", "conv2", "downsample.0"], [2, 8, 4], strict=True):
         layer = dict(unit.quant_layers())[name]
         q = WeightQuantizer(b, layer.layer.weight.shape[0])
         q.init_range(layer.layer.weight, 2.4)

@@ -49,6 +49,32 @@ class Case:
 # --- setups: each writes a broken file into the case folder and points an option or key at it ---------
 
 
+_USER_MODELS = {
+    "untraceable": "return self.fc(self.conv(x).mean((2, 3))) if x.sum() > 0 else x.flatten(1)[:, :10]",
+    "unplaceable": "return self.fc(self.conv(torch.special.erfcx(self.conv0(x))).mean((2, 3)))",
+}
+
+
+def user_model(kind: str) -> Setup:
+    """A user's model package ``{case}/ptqflow_case_<kind>.py`` (entry point ``...:factory``) and its weights."""
+
+    def setup(ws: Path, case: Path) -> dict[str, str]:
+        module = f"ptqflow_case_{kind}"
+        (case / f"{module}.py").write_text(
+            "import torch\nfrom torch import nn\n\n\nclass Net(nn.Module):\n    def __init__(self):\n"
+            "        super().__init__()\n        self.conv0 = nn.Conv2d(1, 4, 3)\n"
+            "        self.conv = nn.Conv2d(4, 4, 3)\n"
+            f"        self.fc = nn.Linear(4, 10)\n\n    def forward(self, x):\n        {_USER_MODELS[kind]}\n\n\n"
+            "def factory():\n    return Net()\n"
+        )
+        sys.dont_write_bytecode = True  # no __pycache__ in the case folder (nothing may be written)
+        sys.path.insert(0, str(case))
+        torch.save(__import__(module).factory().state_dict(), case / "w.pt")
+        return {}
+
+    return setup
+
+
 def _store_copy(ws: Path, case: Path) -> Path:
     return Path(shutil.copytree(ws / "store.zarr", case / "store.zarr"))
 
@@ -377,6 +403,14 @@ CASES = [
     Case("model-torchvision-unknown", "predict", "unknown model 'torchvision.resnet7'",
          {"base": {"model": "torchvision.resnet7"}}),
     Case("weights-missing", "features", "weights file not found: ", {"base": {"weights": "{case}/none.pt"}}),
+    # models the graph rules cannot quantize (issue "Any model", item 6)
+    Case("float-leaf-unknown", "features", "base.float_leaves entry 'layer9' is not a submodule of ResNetCifar",
+         {"base": {"float_leaves": ["layer9"]}}),
+    Case("model-untraceable", "features", "model Net cannot be traced with torch.fx: ",
+         {"base": {"model": "ptqflow_case_untraceable:factory", "weights": "{case}/w.pt"}}, user_model("untraceable")),
+    Case("op-unplaceable", "features",
+         "function special_erfcx produces the input of module conv (Conv2d) and is in no placement table",
+         {"base": {"model": "ptqflow_case_unplaceable:factory", "weights": "{case}/w.pt"}}, user_model("unplaceable")),
     Case("weights-wrong-arch", "features", "does not match the model architecture: ",
          {"base": {"weights": "{case}/w.pt"}}, mobilenet_weights),
     Case("weights-garbage", "quantize", "weights file {case}/w.pt cannot be loaded safely",

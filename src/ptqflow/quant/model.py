@@ -12,13 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.fx
 from torch import nn
 
 from ptqflow.errors import ConfigError, ModelError
 from ptqflow.fold import fold_bn
+from ptqflow.ops import OpKind, classify_function, classify_method, classify_module
 from ptqflow.quant.quantizer import ActQuantizer, WeightQuantizer, check_bits
 from ptqflow.quant.units import QuantLayer, QuantUnit, build_quant_unit
-from ptqflow.units import extract_units
+from ptqflow.units import FLOAT_LEAF_HINT, extract_units, reader_inputs
 
 __all__ = [
     "FORMAT",
@@ -50,6 +52,8 @@ class QuantConfig:
             output quantizer) is 8-bit.
         p: exponent of the Lp range search (2.4 as in BRECQ/QDrop).
         calib_size: calibration images used to initialise activation ranges.
+        float_leaves: module paths kept as opaque float ops (their weights and inner activations are not
+            quantized; :attr:`QuantModel.float_leaves` reports them). Empty: everything is quantized.
     """
 
     weight_bits: int = 4
@@ -58,8 +62,12 @@ class QuantConfig:
     convention: Literal["brecq", "qdrop"] = "brecq"
     p: float = 2.4
     calib_size: int = 256
+    float_leaves: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "float_leaves", tuple(self.float_leaves))
+        if not all(isinstance(leaf, str) and leaf for leaf in self.float_leaves):
+            raise ConfigError(f"float_leaves must be module paths, got {list(self.float_leaves)}")
         if self.convention not in ("brecq", "qdrop"):
             raise ConfigError(f"convention must be one of 'brecq', 'qdrop', got {self.convention!r}")
         for name in ("weight_bits", "act_bits", "first_last_weight_bits"):
@@ -111,6 +119,31 @@ class QuantModel(nn.Module):
         for _, unit in self.named_units():
             unit.set_quant_state(weight, act)
 
+    @property
+    def float_leaves(self) -> list[str]:
+        """Module paths kept in float on request (what a report must say is not quantized)."""
+        return [leaf for _, unit in self.named_units() for leaf in unit.float_leaves]
+
+    def unquantized_inputs(self) -> list[str]:
+        """Readers (conv/linear layers, activation matmuls) with an input that no quantizer produces.
+
+        Walks each reader input back through pass-through ops (:mod:`ptqflow.ops`), across unit
+        boundaries, to an activation quantizer; the image is allowed. Empty for every model
+        :func:`build_quant_model` returns: it is the placement's own check that no activation stays float.
+        """
+        units = [unit for _, unit in self.named_units()]
+        missing: list[str] = []
+        for index, (unit_name, unit) in enumerate(self.named_units()):
+            modules = dict(unit.body.named_modules())
+            for node in unit.body.graph.nodes:
+                kind = _reader_kind(node, modules)
+                if kind is None:
+                    continue
+                for source in reader_inputs(node, kind):
+                    if not _reaches_quantizer(units, index, source):
+                        missing.append(f"{unit_name}.{node.target if node.op == 'call_module' else node.name}")
+        return missing
+
     def unit_kinds(self) -> list[str]:
         """``stem``, ``block``, ``head`` or ``glue`` per unit, in forward order."""
         return [unit.kind for _, unit in self.named_units()]
@@ -133,6 +166,44 @@ class QuantModel(nn.Module):
         return bits / 8
 
 
+def _reader_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> OpKind | None:
+    if node.op == "call_module" and isinstance(modules.get(str(node.target)), QuantLayer):
+        return OpKind.WEIGHT
+    if node.op == "call_function" and classify_function(node.target) == OpKind.MATMUL:
+        return OpKind.MATMUL
+    if node.op == "call_method" and classify_method(str(node.target)) == OpKind.MATMUL:
+        return OpKind.MATMUL
+    return None
+
+
+def _reaches_quantizer(units: list[QuantUnit], index: int, node: torch.fx.Node) -> bool:
+    """Whether ``node`` (in unit ``index``) is an activation quantizer's output, through pass-through ops."""
+    modules = dict(units[index].body.named_modules())
+    if node.op == "placeholder":
+        if index == 0:
+            return True  # the image
+        (output,) = [n for n in units[index - 1].body.graph.nodes if n.op == "output"]
+        previous = output.args[0]
+        return isinstance(previous, torch.fx.Node) and _reaches_quantizer(units, index - 1, previous)
+    if node.op == "get_attr":
+        return True  # a constant, not an activation
+    if node.op == "call_module" and isinstance(modules.get(str(node.target)), ActQuantizer):
+        return True
+    kind = (
+        classify_module(modules[str(node.target)])
+        if node.op == "call_module"
+        else classify_function(node.target)
+        if node.op == "call_function"
+        else classify_method(str(node.target))
+    )
+    if kind != OpKind.PASS:
+        return False
+    sources = node.args[0] if node.args else None
+    if isinstance(sources, list | tuple):
+        return all(_reaches_quantizer(units, index, s) for s in sources if isinstance(s, torch.fx.Node))
+    return isinstance(sources, torch.fx.Node) and _reaches_quantizer(units, index, sources)
+
+
 def build_quant_model(fp_model: nn.Module, config: QuantConfig, init_weights: bool = True) -> QuantModel:
     """Fold BN, split into units and wrap every unit with quantizers (weights initialised if asked).
 
@@ -141,7 +212,7 @@ def build_quant_model(fp_model: nn.Module, config: QuantConfig, init_weights: bo
         config: bit-widths and range search.
         init_weights: run the per-channel Lp search for every weight quantizer.
     """
-    units = extract_units(fold_bn(fp_model))
+    units = extract_units(fold_bn(fp_model), config.float_leaves)
     if not units:
         raise ModelError(f"model {type(fp_model).__name__} has no units")
     quant_units = []
@@ -149,8 +220,13 @@ def build_quant_model(fp_model: nn.Module, config: QuantConfig, init_weights: bo
         act_bits = config.act_bits
         if unit.kind == "stem" and config.convention == "brecq":
             act_bits = 8
-        quant_units.append(build_quant_unit(unit.module, unit.kind, config.weight_bits, act_bits))
+        quant_units.append(build_quant_unit(unit, config.weight_bits, act_bits))
     model = QuantModel([u.name for u in units], quant_units)
+    missing = model.unquantized_inputs()
+    if missing:
+        raise ModelError(
+            f"placement left the input of {missing[0]} in float ({len(missing)} readers); {FLOAT_LEAF_HINT}"
+        )
     layers = [layer for _, layer in model.quant_layers()]
     if not layers:
         raise ModelError(f"model {type(fp_model).__name__} has no conv or linear layer to quantize")
@@ -250,7 +326,7 @@ def load_quant_model(
         raise ModelError(
             f"{source} has format version {payload.get('version')}; this ptqflow reads {FORMAT['version']}"
         )
-    config = QuantConfig(**payload["config"])
+    config = QuantConfig(**{**payload["config"], "float_leaves": tuple(payload["config"].get("float_leaves", ()))})
     model = build_quant_model(build_fp(payload["model"]), config, init_weights=False)
     state = payload["state_dict"]
     try:

@@ -39,7 +39,7 @@ def test_first_last_and_stem_bits() -> None:
     bits = model.bit_config()
     weights = list(bits["weights"].values())
     assert weights[0] == 8 and weights[-1] == 8 and set(weights[1:-1]) == {2}
-    assert bits["activations"]["stem.segment.act0"] == 8
+    assert bits["activations"]["stem.act_relu"] == 8
     assert {b for n, b in bits["activations"].items() if not n.startswith("stem")} == {3}
 
 
@@ -47,7 +47,7 @@ def test_per_use_quantizers_for_shared_relu() -> None:
     # torchvision's BasicBlock calls one ReLU module twice: each use must get its own quantizer.
     model = build_quant_model(build_model("resnet20"), QuantConfig())
     names = [n for n, _ in model.act_quantizers() if n.startswith("layer1.0.")]
-    assert names == ["layer1.0.act1", "layer1.0.act_out"]
+    assert names == ["layer1.0.act_relu", "layer1.0.act_relu_1"]
 
 
 def test_save_load_round_trip(tmp_path: Path) -> None:
@@ -84,6 +84,6 @@ def test_conventions_place_the_8bit_exceptions() -> None:
     brecq = build_quant_model(build_model("resnet20"), QuantConfig(weight_bits=2, act_bits=3, convention="brecq"))
     qdrop = build_quant_model(build_model("resnet20"), QuantConfig(weight_bits=2, act_bits=3, convention="qdrop"))
     b, q = brecq.bit_config()["activations"], qdrop.bit_config()["activations"]
-    assert b["stem.segment.act0"] == 8 and b["layer3.2.act_out"] == 3
-    assert q["stem.segment.act0"] == 3 and q["layer3.2.act_out"] == 8
+    assert b["stem.act_relu"] == 8 and b["layer3.2.act_relu_1"] == 3
+    assert q["stem.act_relu"] == 3 and q["layer3.2.act_relu_1"] == 8
     assert brecq.unit_kinds()[0] == "stem" and brecq.unit_kinds()[-1] == "head"

@@ -2,109 +2,211 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import randomize_bn
+import torch.nn.functional as F
+from helpers import TinyMobileNet, TinyResNet, calibrate_on, randomize_bn
 from torch import nn
-from torchvision.models.mnasnet import _InvertedResidual
-from torchvision.models.regnet import ResBottleneckBlock
-from torchvision.models.resnet import BasicBlock
 
 from ptqflow.errors import ModelError
-from ptqflow.fold import fold_bn
 from ptqflow.models import build_model
 from ptqflow.quant.model import QuantConfig, build_quant_model
-from ptqflow.quant.quantizer import ActQuantizer
-from ptqflow.quant.units import QuantMnasInvertedResidual, QuantResBottleneck, build_quant_unit
+from ptqflow.quant.units import QuantUnit
 
-MODELS = ["resnet18", "resnet50", "mobilenet_v2", "regnet_x_600mf", "regnet_x_3_2gf", "mnasnet1_0"]
-
-
-def _calibrated_block(block: nn.Module, x: torch.Tensor, bits: int = 8) -> nn.Module:
-    unit = build_quant_unit(fold_bn(randomize_bn(block)), "block", bits, bits)
-    for _, layer in unit.quant_layers():
-        layer.weight_quantizer.init_range(layer.layer.weight)
-    unit.set_quant_state(weight=True, act=False)
-    quantizers = [q for _, q in unit.act_quantizers()]
-    for q in quantizers:
-        q.observing = True
-    with torch.no_grad():
-        unit(x)
-    for q in quantizers:
-        q.init_range()
-    unit.set_quant_state(weight=True, act=True)
-    return unit
+#: (weight quantizers, activation quantizers) of the papers' families: the counts of the per-class
+#: forwards this generic unit replaced (bench/placement_equivalence.py: equal counts, equal scales, equal
+#: RTN logits at W4A4 and W2A4 under both conventions).
+PLACEMENT = {
+    "resnet20": (22, 19),
+    "mobilenetv2_s": (29, 28),
+    "torchvision.resnet18": (21, 17),
+    "torchvision.resnet50": (54, 49),
+    "torchvision.mobilenet_v2": (53, 52),
+    "torchvision.regnet_x_600mf": (54, 49),
+    "torchvision.mnasnet1_0": (53, 52),
+}
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_quantization_off_reproduces_the_fp_model(name: str) -> None:
-    """Each block's forward is rewritten: with quantizers off it must equal torchvision's (shared ReLU
-    modules, in-place activations and all)."""
-    model = randomize_bn(build_model(f"torchvision.{name}"))
+@pytest.mark.parametrize("name", list(PLACEMENT))
+def test_placement_counts_and_quantization_off_equals_fp(name: str) -> None:
+    model = randomize_bn(build_model(name))
     quant = build_quant_model(model, QuantConfig(convention="qdrop"), init_weights=False)
+    assert (len(list(quant.quant_layers())), len(list(quant.act_quantizers()))) == PLACEMENT[name]
+    assert quant.unquantized_inputs() == []
     quant.set_quant_state(weight=False, act=False)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 1, 28, 28) if "." not in name else torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(quant(x), model(x), atol=1e-4, rtol=1e-3)
 
 
-def test_basic_block_gets_a_quantizer_per_relu_use() -> None:
-    block = BasicBlock(8, 8)  # one ReLU module, called twice
-    unit = build_quant_unit(fold_bn(block), "block", 4, 4)
-    assert [n for n, _ in unit.act_quantizers()] == ["act1", "act_out"]
-
-
-def test_regnet_block_placement() -> None:
-    block = ResBottleneckBlock(16, 32, stride=2, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU, group_width=8)
-    x = torch.randn(4, 16, 8, 8)
-    unit = _calibrated_block(block, x)
-    assert isinstance(unit, QuantResBottleneck)
-    assert [n for n, _ in unit.quant_layers()] == ["layers.0", "layers.1", "layers.2", "proj"]
-    assert [n for n, _ in unit.act_quantizers()] == ["acts.0", "acts.1", "act_out"]  # a, b, after add+ReLU
-    assert unit.layers[1].layer.groups == 4  # RegNetX grouped 3x3: 32 channels, group width 8
+def _unit(model: nn.Module, name: str, bits: int = 4) -> tuple[QuantUnit, torch.Tensor]:
+    """Unit ``name`` of ``model`` at W``bits``A``bits`` (RTN, calibrated) and its input on a random batch."""
+    x = model.example_inputs(8)  # type: ignore[operator]
+    quant = calibrate_on(build_quant_model(model, QuantConfig(weight_bits=bits, act_bits=bits)), x)
+    h = x
     with torch.no_grad():
-        out, ref = unit(x), fold_bn(randomize_bn(block))(x)
-    assert out.min() >= 0  # quantized after the final ReLU
-    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99  # 8-bit
+        for unit_name, unit in quant.named_units():
+            if unit_name == name:
+                return unit, h
+            h = unit(h)
+    raise KeyError(name)
 
 
-def test_regnet_identity_block_has_no_projection() -> None:
-    block = ResBottleneckBlock(16, 16, stride=1, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU, group_width=8)
-    unit = build_quant_unit(fold_bn(block), "block", 4, 4)
-    assert isinstance(unit, QuantResBottleneck) and unit.proj is None
-
-
-def test_regnet_y_squeeze_excitation_is_refused() -> None:
-    block = ResBottleneckBlock(
-        16, 16, stride=1, norm_layer=nn.BatchNorm2d, activation_layer=nn.ReLU, group_width=8, se_ratio=0.25
-    )
-    with pytest.raises(ModelError, match="RegNetX only"):
-        build_quant_unit(fold_bn(block), "block", 4, 4)
-
-
-@pytest.mark.parametrize(("in_ch", "out_ch", "stride", "residual"), [(16, 16, 1, True), (16, 24, 2, False)])
-def test_mnasnet_block_placement(in_ch: int, out_ch: int, stride: int, residual: bool) -> None:
-    block = _InvertedResidual(in_ch, out_ch, 3, stride, 3)
-    x = torch.randn(4, in_ch, 8, 8)
-    unit = _calibrated_block(block, x)
-    assert isinstance(unit, QuantMnasInvertedResidual) and unit.apply_residual is residual
-    assert len(list(unit.quant_layers())) == 3
-    # pointwise and depthwise ReLU outputs, then the block output (after the add, or the linear conv)
-    assert [n for n, _ in unit.act_quantizers()] == ["acts.0", "acts.1", "act_out"]
+def test_basic_block_positions_match_the_hand_written_forward() -> None:
+    """BRECQ's BasicBlock: conv1+ReLU quantized, conv2 and the shortcut not, the output after add+ReLU --
+    each use of the block's one ReLU module its own quantizer."""
+    unit, x = _unit(randomize_bn(TinyResNet()), "layer1.1")
+    layers, acts = dict(unit.quant_layers()), dict(unit.act_quantizers())
+    assert list(layers) == ["conv1", "conv2", "downsample.0"]
+    assert list(acts) == ["act_relu", "act_relu_1"]
     with torch.no_grad():
-        out, ref = unit(x), fold_bn(randomize_bn(block))(x)
-    assert out.min() < 0  # no final activation
-    assert torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0) > 0.99
+        identity = layers["downsample.0"](x)
+        h = acts["act_relu"](F.relu(layers["conv1"](x)))
+        reference = acts["act_relu_1"](F.relu(layers["conv2"](h) + identity))
+        assert torch.equal(unit(x), reference)
 
 
-def test_stem_output_quantizer_only_where_the_stem_ends_in_a_conv() -> None:
+def test_inverted_residual_positions_match_the_hand_written_forward() -> None:
+    """MobileNetV2: expand and depthwise ReLU6 outputs quantized, the linear projection not, the block
+    output once after the residual add."""
+    unit, x = _unit(randomize_bn(TinyMobileNet()), "features.1")
+    layers, acts = dict(unit.quant_layers()), dict(unit.act_quantizers())
+    assert list(layers) == ["conv.0.0", "conv.1.0", "conv.2"] and list(acts) == [
+        "act_conv_0_2",
+        "act_conv_1_2",
+        "act_add",
+    ]
+    with torch.no_grad():
+        h = acts["act_conv_0_2"](F.relu6(layers["conv.0.0"](x)))
+        h = acts["act_conv_1_2"](F.relu6(layers["conv.1.0"](h)))
+        assert torch.equal(unit(x), acts["act_add"](x + layers["conv.2"](h)))
+
+
+def test_squeeze_excitation_and_hardswish_are_placed() -> None:
+    """MobileNetV3: Hardswish outputs and the SE-gated tensor are quantized where a conv reads them; the
+    SE gate itself (read only by the multiply) stays float, as every runtime computes it."""
+    model = randomize_bn(build_model("torchvision.mobilenet_v3_small"))
+    quant = build_quant_model(model, QuantConfig(), init_weights=False)
+    assert quant.unquantized_inputs() == []
+    unit = dict(quant.named_units())["features.4"]  # expand, depthwise (Hardswish each), SE, project (no residual)
+    assert [n for n, _ in unit.act_quantizers()] == [
+        "act_block_0_2",  # expand Hardswish
+        "act_block_1_2",  # depthwise Hardswish: read by the project conv (after the gate) and the SE pooling
+        "act_block_2_activation",  # SE fc1's ReLU, read by fc2
+        "act_mul_1",  # the gated tensor, read by the project conv
+        "act_block_3_0",  # the block output (the project conv; read by the next block)
+    ]
+
+
+def test_distinct_value_probe_on_efficientnet(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from ptqflow.coverage import check_model
+
+    report = check_model(randomize_bn(build_model("torchvision.efficientnet_b0")), torch.randn(2, 3, 32, 32), tmp_path,
+                         recon_iters=1, export=False)  # fmt: skip
+    assert report.probed > 50 and report.probe_violations == [] and report.unquantized == []
+    assert report.passed
+
+
+def test_stem_and_head_quantizers() -> None:
     config = QuantConfig(convention="qdrop")
     mnas = build_quant_model(build_model("torchvision.mnasnet1_0"), config, init_weights=False)
-    assert [n for n, _ in mnas.units[0].act_quantizers()] == ["segment.act0", "segment.act1", "segment.act_out"]
+    # ReLU, ReLU and the stem's linear 1x1 conv output (read by the first block's conv)
+    assert [n for n, _ in mnas.units[0].act_quantizers()] == ["act_layers_2", "act_layers_5", "act_layers_6"]
     for name in ("resnet20", "mobilenetv2_s", "torchvision.resnet18", "torchvision.regnet_x_600mf"):
         model = build_quant_model(build_model(name), config, init_weights=False)
-        stem = [n for n, _ in model.units[0].act_quantizers()]
-        head = [n for n, _ in model.units[-1].act_quantizers()]
-        assert stem == ["segment.act0"], name  # the ReLU output (resnet: then max-pooled, still on the grid)
-        assert not any(
-            isinstance(m, ActQuantizer) and n.endswith("act_out") for n, m in model.units[-1].named_modules()
-        )
-        assert "segment.act_out" not in head  # logits are never quantized
+        assert len(list(model.units[0].act_quantizers())) == 1, name  # the stem's ReLU output (then max-pooled)
+        head = dict(model.units[-1].body.named_modules())
+        output = [n for n in model.units[-1].body.graph.nodes if n.op == "output"][0]
+        assert not isinstance(head.get(str(output.args[0].target)), type(model.units[0].act_quantizers())), name
+
+
+def test_shared_quantizer_feeds_every_consumer() -> None:
+    class Fork(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv0 = nn.Conv2d(3, 4, 1)
+            self.conv1 = nn.Conv2d(4, 4, 1)
+            self.conv2 = nn.Conv2d(4, 4, 1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.sigmoid(self.conv0(x))  # read by two convs and an add: one quantizer
+            y = self.conv1(h) + self.conv2(h) + h
+            return self.fc(y.mean((2, 3)))
+
+        @staticmethod
+        def example_inputs(n: int = 4) -> torch.Tensor:
+            return torch.randn(n, 3, 6, 6)
+
+    quant = build_quant_model(Fork().eval(), QuantConfig(), init_weights=False)
+    names = [n for n, _ in quant.act_quantizers()]
+    # a plain chain, cut per weight layer: h quantized once (stem), the sum read by fc after the mean
+    assert names == ["stem.act_sigmoid", "conv1.act_add_1"]
+
+
+def test_unknown_op_producing_a_conv_input_is_refused() -> None:
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv0 = nn.Conv2d(3, 3, 1)
+            self.conv1 = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv1(torch.special.erfcx(self.conv0(x)))
+
+    with pytest.raises(ModelError, match=r"function special_erfcx produces the input of module conv1 .*float_leaves"):
+        build_quant_model(Odd().eval(), QuantConfig(), init_weights=False)
+
+
+def test_custom_autograd_function_is_refused() -> None:
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # type: ignore[no-untyped-def, override]
+            return x * 2
+
+        @staticmethod
+        def backward(ctx, g):  # type: ignore[no-untyped-def, override]
+            return g * 2
+
+    class UsesIt(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(Twice.apply(x))
+
+    with pytest.raises(ModelError, match="custom autograd function Twice cannot be traced"):
+        build_quant_model(UsesIt().eval(), QuantConfig(), init_weights=False)
+    assert Twice.apply(torch.ones(1)).item() == 2.0  # the patch is undone
+
+
+def test_hidden_weights_are_refused_unless_kept_float() -> None:
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(8, 8)
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.proj(x)
+            h = self.attn(h, h, h, need_weights=False)[0]
+            return self.fc(h.mean(1))
+
+    with pytest.raises(ModelError, match=r"module attn \(MultiheadAttention\) holds weights .*base\.float_leaves"):
+        build_quant_model(Attn().eval(), QuantConfig(), init_weights=False)
+    quant = build_quant_model(Attn().eval(), QuantConfig(float_leaves=("attn",)), init_weights=False)
+    assert quant.float_leaves == ["attn"] and quant.unquantized_inputs() == []
+    assert [n for n, _ in quant.act_quantizers()] == ["stem.act_getitem"]  # the float leaf's output, read by fc
+
+
+def test_weight_module_called_twice_is_refused() -> None:
+    class Reuse(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(torch.relu(self.conv(x)))
+
+    with pytest.raises(ModelError, match="module conv is called more than once"):
+        build_quant_model(Reuse().eval(), QuantConfig(), init_weights=False)

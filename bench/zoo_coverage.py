@@ -1,0 +1,119 @@
+"""Coverage of torchvision's classification zoo (README "Any model"): every model, random weights.
+
+    python bench/zoo_coverage.py --out bench/zoo_coverage.json            # all of them (about an hour)
+    python bench/zoo_coverage.py --models resnet18 efficientnet_b0        # a few
+
+Each model runs :func:`ptqflow.coverage.check_model` (W4A4, QDrop convention, 4 images, 2 QDrop iterations
+per unit, ONNX export checked in onnxruntime) in its own process (bounded memory, one thread), at 64x64
+unless the architecture needs more. Prints a markdown table; ``--out`` also writes the JSON rows.
+``--timm`` runs the same check over a sample of timm CNN families (``pip install timm``; no weights needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+
+#: Input sizes other than 64: architectures with a fixed input, or whose adaptive pooling would upsample
+#: (torch.onnx exports adaptive pooling only to a factor of its input size).
+SIZES = {"inception_v3": 96, "alexnet": 224, "maxvit_t": 224}
+SIZES.update({f"vgg{d}{bn}": 224 for d in (11, 13, 16, 19) for bn in ("", "_bn")})
+SIZES.update({name: 224 for name in ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14")})
+TIMM = ["resnet18", "efficientnet_b0", "mobilenetv3_small_100", "regnety_002", "rexnet_100", "ghostnet_100",
+        "convnext_atto", "mixnet_s", "dla34", "hrnet_w18_small", "cspresnet50", "dpn68", "tinynet_a", "lcnet_050",
+        "repvgg_a0", "resnest14d", "selecsls42b", "vovnet39a", "xception41", "mobilevit_xxs"]  # fmt: skip
+
+
+def _one(name: str, source: str, queue: Any) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    from ptqflow.coverage import check_model
+    from ptqflow.errors import ModelError
+
+    began = time.perf_counter()
+    row: dict[str, Any] = {"model": name, "source": source}
+    try:
+        if source == "timm":
+            import timm
+
+            model = timm.create_model(name, pretrained=False, num_classes=10)
+        else:
+            model = torchvision.models.get_model(name, weights=None)
+        model.eval()
+        for m in model.modules():  # non-trivial BN statistics so folding is exercised
+            if isinstance(m, torch.nn.BatchNorm2d) and m.running_var is not None:
+                m.running_var.uniform_(0.5, 1.5)
+                m.running_mean.normal_(0, 0.1)
+        size = SIZES.get(name, 64)
+        with tempfile.TemporaryDirectory() as tmp:
+            report = check_model(model, torch.randn(4, 3, size, size), Path(tmp))
+        row.update(report.to_json())
+        row["status"] = "pass" if report.passed else "FAIL"
+    except ModelError as exc:
+        row.update(status="refused", reason=str(exc))
+    except Exception as exc:  # a crash is a finding: report it, do not stop the sweep
+        row.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    row["seconds"] = round(time.perf_counter() - began, 1)
+    queue.put(row)
+
+
+def _run(name: str, source: str, timeout: float) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_one, args=(name, source, queue))
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        return {"model": name, "source": source, "status": "error", "reason": f"timed out after {timeout:.0f} s"}
+    if proc.exitcode != 0 and queue.empty():
+        return {"model": name, "source": source, "status": "error", "reason": f"process died (exit {proc.exitcode})"}
+    row: dict[str, Any] = queue.get()
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", help="torchvision (or with --timm, timm) model names")
+    parser.add_argument("--timm", action="store_true", help="the timm sample instead of torchvision")
+    parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per model")
+    parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    args = parser.parse_args()
+    source = "timm" if args.timm else "torchvision"
+    names = args.models or (TIMM if args.timm else sorted(torchvision.models.list_models(module=torchvision.models)))
+    rows = []
+    print("| model | units (blocks) | weight q | act q | silent float | probe | FP diff | QDrop | ONNX | s | status |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        row = _run(name, source, args.timeout)
+        rows.append(row)
+        if row["status"] in ("pass", "FAIL"):
+            print(
+                f"| {name} | {row['units']} ({row['blocks']}) | {row['weight_quantizers']} | "
+                f"{row['act_quantizers']} | {len(row['unquantized'])} | "
+                f"{row['probed'] - len(row['probe_violations'])}/{row['probed']} | "
+                f"{row['fp_max_abs_diff']:.1e} | {row['recon_steps']} steps | {row['onnx_agreement']:.0f} % | "
+                f"{row['seconds']} | {row['status']} |",
+                flush=True,
+            )
+        else:
+            seconds = row.get("seconds", "")
+            print(f"| {name} | | | | | | | | | {seconds} | {row['status']}: {row['reason']} |", flush=True)
+        if args.out:
+            args.out.write_text(json.dumps(rows, indent=1) + "\n")
+    passed = sum(r["status"] == "pass" for r in rows)
+    print(f"{passed} of {len(rows)} pass; {sum(r['status'] == 'refused' for r in rows)} refused with a reason")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
