@@ -16,7 +16,6 @@ Preprocess = Callable[[torch.Tensor], torch.Tensor]
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 
-@torch.inference_mode()
 def predict_logits(
     model: nn.Module,
     data: LabelledImages,
@@ -38,12 +37,15 @@ def predict_logits(
         device: where to run.
         wrap: optional wrapper of the batch iterator (a progress bar).
     """
+    # The layout changes stay outside inference mode: parameters re-laid-out inside it would become
+    # inference tensors, which a training loop evaluating between epochs cannot backpropagate through.
     model.eval().to(memory_format=torch.channels_last)
     out = []
     stream = batches(data, batch_size)
-    for images, _ in wrap(stream) if wrap is not None else stream:
-        x = preprocess(images).to(device).contiguous(memory_format=torch.channels_last)
-        out.append(model(x).float().cpu())
+    with torch.inference_mode():
+        for images, _ in wrap(stream) if wrap is not None else stream:
+            x = preprocess(images).to(device).contiguous(memory_format=torch.channels_last)
+            out.append(model(x).float().cpu())
     model.to(memory_format=torch.contiguous_format)
     return torch.cat(out)
 

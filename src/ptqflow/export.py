@@ -271,6 +271,11 @@ def _trace(model: QuantModel, example: torch.Tensor, opset: int) -> bytes:
         # The TorchScript exporter is deprecated upstream but still the one that keeps custom nodes
         # (our markers) as written; its deprecation and tracer warnings are not the user's concern.
         warnings.simplefilter("ignore")
+        if sum(p.numel() * p.element_size() for p in model.parameters()) >= 2**31:
+            raise ExportError(
+                "model is larger than protobuf's 2 GiB limit for one ONNX file; ptqflow's export does not "
+                "write ONNX external data yet"
+            )
         torch.onnx.export(
             model,
             (example,),

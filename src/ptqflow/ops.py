@@ -87,7 +87,8 @@ _WEIGHT_FUNCTIONS: set[Any] = {
 _PASS_FUNCTIONS: set[Any] = {
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze, torch.cat,
     torch.concat, torch.concatenate, torch.chunk, torch.split, torch.tensor_split, torch.roll, torch.narrow,
-    torch.stack, torch.movedim, torch.channel_shuffle, torch.mean, torch.clone, operator.getitem,
+    torch.stack, torch.movedim, torch.moveaxis, torch.swapaxes, torch.swapdims, torch.channel_shuffle,
+    torch.mean, torch.clone, operator.getitem,
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d,
     F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d, F.adaptive_max_pool2d,
     F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.pixel_shuffle, F.pixel_unshuffle,
@@ -96,7 +97,8 @@ _PASS_FUNCTIONS: set[Any] = {
 }  # fmt: skip
 _PASS_METHODS = {
     "view", "reshape", "permute", "transpose", "flatten", "unflatten", "contiguous", "squeeze", "unsqueeze",
-    "mean", "chunk", "split", "tensor_split", "narrow", "roll", "clone", "movedim", "view_as", "reshape_as",
+    "mean", "chunk", "split", "tensor_split", "narrow", "roll", "clone", "movedim", "moveaxis", "swapaxes",
+    "swapdims", "view_as", "reshape_as", "unbind",
     "__getitem__",
 }  # fmt: skip
 

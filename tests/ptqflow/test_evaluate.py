@@ -34,3 +34,14 @@ def test_frozen_weights_give_identical_logits() -> None:
     assert torch.equal(before, after)
     assert seen == [7, 7, 6]
     assert accuracy(after, data.labels, (1,)).keys() == {"top1"}
+
+
+def test_model_trains_after_predict_logits() -> None:
+    """Evaluating between training epochs must not turn parameters into inference tensors (its channels_last
+    round trip re-lays out MobileNetV3's 5x5 depthwise weights; under inference mode that broke epoch 2)."""
+    model = build_model("mobilenetv3_s")
+    data = LabelledImages(torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
+    predict_logits(model, data, 2, lambda x: x.float()[:, None], torch.device("cpu"))
+    assert not any(p.is_inference() for p in model.parameters())
+    model.train()
+    model(torch.randn(2, 1, 28, 28)).sum().backward()

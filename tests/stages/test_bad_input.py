@@ -398,7 +398,7 @@ CASES = [
          {"reconstruct": {"targets": ["../w2a4"]}}),
     # models and weights
     Case("model-unknown", "features",
-         "unknown model 'resnet99'; allowed: ['mobilenetv2_s', 'resnet20'], 'torchvision.<name>'",
+         "unknown model 'resnet99'; allowed: ['mobilenetv2_s', 'mobilenetv3_s', 'resnet20'], 'torchvision.<name>'",
          {"base": {"model": "resnet99"}}),
     Case("model-torchvision-unknown", "predict", "unknown model 'torchvision.resnet7'",
          {"base": {"model": "torchvision.resnet7"}}),

@@ -6,7 +6,7 @@ ranges from the per-tensor Lp search on calibration activations, nearest roundin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,7 +17,7 @@ from torch import nn
 
 from ptqflow.errors import ConfigError, ModelError
 from ptqflow.fold import fold_bn
-from ptqflow.ops import OpKind, classify_function, classify_method, classify_module
+from ptqflow.ops import OpKind, averages, classify_function, classify_method, classify_module
 from ptqflow.quant.quantizer import ActQuantizer, WeightQuantizer, check_bits
 from ptqflow.quant.units import QuantLayer, QuantUnit, build_quant_unit
 from ptqflow.units import FLOAT_LEAF_HINT, extract_units, reader_inputs
@@ -28,6 +28,7 @@ __all__ = [
     "QuantModel",
     "build_quant_model",
     "calibrate_activations",
+    "input_sources",
     "load_quant_file",
     "load_quant_model",
     "quant_payload",
@@ -140,7 +141,7 @@ class QuantModel(nn.Module):
                 if kind is None:
                     continue
                 for source in reader_inputs(node, kind):
-                    if not _reaches_quantizer(units, index, source):
+                    if input_sources(units, index, source) is None:
                         missing.append(f"{unit_name}.{node.target if node.op == 'call_module' else node.name}")
         return missing
 
@@ -176,19 +177,27 @@ def _reader_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> OpKind |
     return None
 
 
-def _reaches_quantizer(units: list[QuantUnit], index: int, node: torch.fx.Node) -> bool:
-    """Whether ``node`` (in unit ``index``) is an activation quantizer's output, through pass-through ops."""
+def input_sources(
+    units: Sequence[QuantUnit], index: int, node: torch.fx.Node
+) -> tuple[list[ActQuantizer], bool] | None:
+    """Where the value of ``node`` (in unit ``index``) comes from, through pass-through ops across units.
+
+    Returns:
+        ``(activation quantizers it reads, whether an averaging op lies on the way)``; no quantizers for the
+        image or a constant; ``None`` if some path reaches a producer that is not a quantizer (a float input).
+    """
     modules = dict(units[index].body.named_modules())
     if node.op == "placeholder":
         if index == 0:
-            return True  # the image
+            return [], False  # the image
         (output,) = [n for n in units[index - 1].body.graph.nodes if n.op == "output"]
         previous = output.args[0]
-        return isinstance(previous, torch.fx.Node) and _reaches_quantizer(units, index - 1, previous)
+        return input_sources(units, index - 1, previous) if isinstance(previous, torch.fx.Node) else None
     if node.op == "get_attr":
-        return True  # a constant, not an activation
-    if node.op == "call_module" and isinstance(modules.get(str(node.target)), ActQuantizer):
-        return True
+        return [], False  # a constant, not an activation
+    module = modules.get(str(node.target)) if node.op == "call_module" else None
+    if isinstance(module, ActQuantizer):
+        return [module], False
     kind = (
         classify_module(modules[str(node.target)])
         if node.op == "call_module"
@@ -197,11 +206,18 @@ def _reaches_quantizer(units: list[QuantUnit], index: int, node: torch.fx.Node) 
         else classify_method(str(node.target))
     )
     if kind != OpKind.PASS:
-        return False
-    sources = node.args[0] if node.args else None
-    if isinstance(sources, list | tuple):
-        return all(_reaches_quantizer(units, index, s) for s in sources if isinstance(s, torch.fx.Node))
-    return isinstance(sources, torch.fx.Node) and _reaches_quantizer(units, index, sources)
+        return None
+    first = node.args[0] if node.args else None
+    found: list[ActQuantizer] = []
+    averaged = averages(node.op, node.target, module)
+    for arg in first if isinstance(first, list | tuple) else [first]:
+        if isinstance(arg, torch.fx.Node):
+            sources = input_sources(units, index, arg)
+            if sources is None:
+                return None
+            found += sources[0]
+            averaged = averaged or sources[1]
+    return found, averaged
 
 
 def build_quant_model(fp_model: nn.Module, config: QuantConfig, init_weights: bool = True) -> QuantModel:
