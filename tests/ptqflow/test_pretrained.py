@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ptqflow.models import build_model, load_weights
+from ptqflow.models import EMBEDDED_MODELS, build_model, load_weights
 
 PRETRAINED = Path(__file__).resolve().parents[2] / "data" / "pretrained"
 MANIFEST = json.loads((PRETRAINED / "manifest.json").read_text())
@@ -24,5 +24,5 @@ def test_checkpoint_matches_manifest(name: str) -> None:
 
 
 def test_embedded_models_are_released() -> None:
-    assert set(MANIFEST) == {"resnet20", "mobilenetv2_s"}
+    assert set(MANIFEST) == set(EMBEDDED_MODELS) == {"resnet20", "mobilenetv2_s", "mobilenetv3_s"}
     assert MANIFEST["resnet20"]["test_top1"] > 92.0
