@@ -25,7 +25,7 @@ SIZES.update({f"vgg{d}{bn}": 224 for d in (11, 13, 16, 19) for bn in ("", "_bn")
 #: Models refused with a one-line reason (attention is the next issue: "Transformers").
 REFUSED = {
     **dict.fromkeys(VITS, r"module encoder\.layers\.encoder_layer_0\.self_attention \(MultiheadAttention\) holds"),
-    **{name: r"function shifted_window_attention in features\.1\.0\.attn holds weights"
+    **{name: r"function (shifted_window_attention|_get_relative_position_bias) in features\.1\.0\.attn holds weights"
        for name in ("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b")},
 }  # fmt: skip
 #: Heavier than the rest: the checks pass, but the ONNX file would exceed protobuf's 2 GiB.
