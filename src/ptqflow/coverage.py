@@ -92,14 +92,17 @@ class CoverageReport:
 
 @torch.no_grad()
 def bn_statistics(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Re-estimate every BN's statistics on ``x`` (one train-mode pass), then eval mode. Random weights with
-    arbitrary statistics make deep nets explode (ResNet-152 logits of 1e7), which no trained net does; with
-    statistics of real activations each layer stays O(1), and folding still sees non-trivial statistics."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            m.reset_running_stats()
-            m.momentum = None  # a cumulative average: exactly this batch's statistics
-    model.train()
+    """Re-estimate every BN's statistics on ``x`` (one pass with the BNs in train mode), then eval mode.
+
+    Random weights with arbitrary statistics make deep nets explode (ResNet-152 logits of 1e7), which no
+    trained net does; with statistics of real activations each layer stays O(1), and folding still sees
+    non-trivial statistics."""
+    model.eval()  # only the BNs train: no auxiliary heads (Inception) or dropout in this pass
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: exactly this batch's statistics
+        m.train()
     model(x)
     return model.eval()
 
