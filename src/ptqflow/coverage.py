@@ -36,7 +36,7 @@ from torch import nn
 from ptqflow.errors import ExportError
 from ptqflow.features import FeatureStore, FeatureStoreWriter, extract_features
 from ptqflow.fold import fold_bn
-from ptqflow.ops import OpKind, classify_function, classify_method, classify_module
+from ptqflow.ops import OpKind, classify_node
 from ptqflow.quant.model import QuantConfig, QuantModel, build_quant_model, calibrate_activations, input_sources
 from ptqflow.quant.quantizer import lp_range_search
 from ptqflow.quant.units import QuantLayer, QuantUnit
@@ -117,16 +117,6 @@ def _min_max_weights(model: QuantModel) -> None:
         q.zero_point.copy_(zero)
 
 
-def _node_kind(node: torch.fx.Node, modules: dict[str, nn.Module]) -> OpKind:
-    if node.op == "call_module":
-        return classify_module(modules[str(node.target)])
-    if node.op == "call_function":
-        return classify_function(node.target)
-    if node.op == "call_method":
-        return classify_method(str(node.target))
-    return OpKind.COMPUTE
-
-
 class _Recorder(torch.fx.Interpreter):
     """Runs a unit's graph and keeps the activation inputs of its readers."""
 
@@ -138,7 +128,7 @@ class _Recorder(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node) -> Any:
         module = self.modules.get(str(n.target)) if n.op == "call_module" else None
         kind = OpKind.WEIGHT if isinstance(module, QuantLayer) else None
-        if n.op in ("call_function", "call_method") and _node_kind(n, self.modules) == OpKind.MATMUL:
+        if n.op in ("call_function", "call_method") and classify_node(n, self.modules) == OpKind.MATMUL:
             kind = OpKind.MATMUL
         if kind is not None:
             self.seen[n] = [self.env[s] for s in reader_inputs(n, kind) if s in self.env]

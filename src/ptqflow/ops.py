@@ -19,6 +19,7 @@ from enum import Enum
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -32,6 +33,7 @@ __all__ = [
     "averages",
     "classify_function",
     "classify_method",
+    "classify_node",
     "classify_module",
 ]
 
@@ -119,6 +121,19 @@ _COMPUTE_METHODS = {
     "repeat", "__add__", "__sub__", "__mul__", "__truediv__", "__radd__", "__rmul__", "masked_fill",
     "type_as", "to", "float",
 }  # fmt: skip
+
+
+def classify_node(
+    node: torch.fx.Node, modules: dict[str, nn.Module], float_leaves: frozenset[str] = frozenset()
+) -> OpKind:
+    """The kind of any fx node (``modules``: the graph module's submodules by path; constants pass through)."""
+    if node.op == "call_module":
+        return classify_module(modules[str(node.target)], str(node.target) in float_leaves)
+    if node.op == "call_function":
+        return classify_function(node.target)
+    if node.op == "call_method":
+        return classify_method(str(node.target))
+    return OpKind.PASS if node.op == "get_attr" else OpKind.COMPUTE
 
 
 def classify_module(module: nn.Module, float_leaf: bool = False) -> OpKind:

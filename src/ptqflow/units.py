@@ -40,9 +40,9 @@ import torch.fx
 from torch import nn
 
 from ptqflow.errors import ModelError
-from ptqflow.ops import WEIGHT_MODULES, OpKind, classify_function, classify_method, classify_module
+from ptqflow.ops import WEIGHT_MODULES, OpKind, classify_node
 
-__all__ = ["Unit", "UnitModel", "extract_units", "node_kind", "reader_inputs", "trace_model"]
+__all__ = ["Unit", "UnitModel", "extract_units", "reader_inputs", "trace_model"]
 
 #: What to do when an op cannot be placed (appended to those errors).
 FLOAT_LEAF_HINT = "list the module path in base.float_leaves to keep it in float (reported in metrics)"
@@ -194,17 +194,6 @@ def _ancestors(node: torch.fx.Node) -> list[str]:
     return [str(k).split("@")[0] for k in stack]
 
 
-def node_kind(node: torch.fx.Node, modules: dict[str, nn.Module], float_leaves: frozenset[str]) -> OpKind:
-    """The placement role (:class:`~ptqflow.ops.OpKind`) of a call node."""
-    if node.op == "call_module":
-        return classify_module(modules[str(node.target)], str(node.target) in float_leaves)
-    if node.op == "call_function":
-        return classify_function(node.target)
-    if node.op == "call_method":
-        return classify_method(str(node.target))
-    return OpKind.PASS if node.op == "get_attr" else OpKind.COMPUTE
-
-
 def _describe(node: torch.fx.Node, modules: dict[str, nn.Module]) -> str:
     if node.op == "call_module":
         return f"module {node.target} ({type(modules[str(node.target)]).__name__})"
@@ -255,7 +244,7 @@ def _producers(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        kind = kinds[node] = node_kind(node, modules, leaves)
+        kind = kinds[node] = classify_node(node, modules, leaves)
         if kind == OpKind.UNKNOWN and node.op != "call_module":
             for arg in node.all_input_nodes:
                 if arg.op == "get_attr" and getattr(_attr(gm, str(arg.target)), "dim", lambda: 0)() >= 2:

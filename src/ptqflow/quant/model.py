@@ -17,7 +17,7 @@ from torch import nn
 
 from ptqflow.errors import ConfigError, ModelError
 from ptqflow.fold import fold_bn
-from ptqflow.ops import OpKind, averages, classify_function, classify_method, classify_module
+from ptqflow.ops import OpKind, averages, classify_function, classify_method, classify_node
 from ptqflow.quant.quantizer import ActQuantizer, WeightQuantizer, check_bits
 from ptqflow.quant.units import QuantLayer, QuantUnit, build_quant_unit
 from ptqflow.units import FLOAT_LEAF_HINT, extract_units, reader_inputs
@@ -198,14 +198,7 @@ def input_sources(
     module = modules.get(str(node.target)) if node.op == "call_module" else None
     if isinstance(module, ActQuantizer):
         return [module], False
-    kind = (
-        classify_module(modules[str(node.target)])
-        if node.op == "call_module"
-        else classify_function(node.target)
-        if node.op == "call_function"
-        else classify_method(str(node.target))
-    )
-    if kind != OpKind.PASS:
+    if classify_node(node, modules) != OpKind.PASS:
         return None
     first = node.args[0] if node.args else None
     found: list[ActQuantizer] = []
