@@ -10,12 +10,13 @@ A unit's input is the previous unit's output, so it is not stored twice. Samples
 a chunk (the read unit) holds ``chunk_size`` samples and a shard (the write unit, one file) holds
 ``shard_size``. Writes are buffered to whole shards, so memory stays flat in the number of samples.
 The root attributes carry the format tag, unit names, a manifest of every array (shape, dtype) and one
-sha256 per shard: no paths, no timestamps, so equal inputs give byte-identical stores (DVC hashes them).
+sha256 per shard file: no paths, no timestamps, so equal inputs give byte-identical stores (DVC hashes them).
 
 Readers never use unchecked bytes: :meth:`FeatureStore.open` checks every array against the manifest
-(shape, dtype, shard count; metadata only), and each shard is checked against its sha256 the first time
-it is read, so a flipped byte fails with a one-line :class:`~ptqflow.errors.StoreError` naming the array,
-the shard and the stage to rerun.
+(shape, dtype, shard count; metadata only), and each shard's sha256 is checked on its raw (compressed) file
+bytes the first time it is read, before the codec sees them. So a flipped byte fails with the same one-line
+:class:`~ptqflow.errors.StoreError` naming the array, the shard and the stage to rerun on every machine,
+whether or not that codec build would have decoded the damaged bytes.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from ptqflow.errors import StoreError
 
 __all__ = ["FORMAT", "FeatureStore", "FeatureStoreWriter", "UnitFeatures"]
 
-#: Version 2 added the per-array manifest (``arrays``: shape and dtype of every array).
-FORMAT = {"format": "ptqflow-features", "version": 2}
+#: Version 2 added the per-array manifest (``arrays``: shape and dtype of every array); version 3 hashes
+#: each shard's file bytes instead of its decoded values (checked before decoding).
+FORMAT = {"format": "ptqflow-features", "version": 3}
 _RERUN = "rerun the features stage (dvc repro features)"
 _DTYPES = ("float32", "float16")
 
@@ -76,6 +78,7 @@ class FeatureStoreWriter:
         self.num_samples = num_samples
         self.dtype = dtype
         self.shard_size = shard_size
+        self.path = Path(path)
         self.group = zarr.open_group(store=str(path), mode="w-", zarr_format=3)
         specs: dict[str, tuple[int, ...]] = {"input": tuple(input_shape)}
         for name, shape in zip(unit_names, output_shapes, strict=True):
@@ -133,9 +136,9 @@ class FeatureStoreWriter:
             return
         lo, hi = self._written, self._written + self._filled
         for key, buffer in self._buffers.items():
-            block = buffer[: self._filled]
-            self.arrays[key][lo:hi] = block
-            self._checksums[key].append(hashlib.sha256(np.ascontiguousarray(block).tobytes()).hexdigest())
+            self.arrays[key][lo:hi] = buffer[: self._filled]
+            shard = _shard_file(self.path, self.arrays[key], lo // self.shard_size)
+            self._checksums[key].append(hashlib.sha256(shard.read_bytes()).hexdigest())
         self._written = hi
         self._filled = 0
 
@@ -145,6 +148,12 @@ class FeatureStoreWriter:
         if self._written != self.num_samples:
             raise StoreError(f"store closed after {self._written} of {self.num_samples} samples")
         self.group.attrs.update({**self._meta, "checksums": self._checksums})  # type: ignore[dict-item]
+
+
+def _shard_file(root: Path, array: Any, shard: int) -> Path:
+    """The file holding shard ``shard`` (along axis 0) of ``array`` in the local store at ``root``."""
+    key = array.metadata.encode_chunk_key((shard,) + (0,) * (len(array.shape) - 1))
+    return Path(root, *str(array.path).split("/"), *key.split("/"))
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -183,8 +192,8 @@ class UnitFeatures:
 class FeatureStore:
     """A read-only feature store (see the module docstring); open with :meth:`open`.
 
-    Every shard is checked against the manifest's sha256 the first time any of its samples is read
-    (then remembered for the life of this object), so corrupt bytes are never returned.
+    Every shard file is checked against the manifest's sha256 before its first decode (then remembered for
+    the life of this object), so corrupt bytes never reach the codec and are never returned.
     """
 
     def __init__(self, group: Any, path: Path) -> None:
@@ -272,23 +281,25 @@ class FeatureStore:
                 f"feature store {self.path}: array {key} {what} cannot be decoded ({type(exc).__name__}); {_RERUN}"
             ) from None
 
-    def _decode_shard(self, key: str, shard: int) -> np.ndarray:
-        a, b = self._bounds(shard)
-        return self._decode(key, f"shard {shard}", lambda: self._arrays[key][a:b])
-
-    def _check_shard(self, key: str, shard: int, block: np.ndarray) -> None:
-        if hashlib.sha256(np.ascontiguousarray(block).data).hexdigest() != self._checksums[key][shard]:  # no copy
+    def _check_shard(self, key: str, shard: int) -> None:
+        path = _shard_file(self.path, self._arrays[key], shard)
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise StoreError(
+                f"feature store {self.path}: array {key} shard {shard} is missing or unreadable "
+                f"({type(exc).__name__}); {_RERUN}"
+            ) from None
+        if hashlib.sha256(raw).hexdigest() != self._checksums[key][shard]:
             raise StoreError(f"feature store {self.path}: array {key} shard {shard} fails its checksum; {_RERUN}")
         self._verified[key].add(shard)
-
-    def _bounds(self, shard: int) -> tuple[int, int]:
-        return shard * self.shard_size, min((shard + 1) * self.shard_size, self.num_samples)
 
     def read(self, key: str, index: Index) -> torch.Tensor:
         """Samples ``index`` of array ``key`` as a float32 tensor, each shard checked on its first read.
 
         Raises:
-            StoreError: unknown array, or a shard that cannot be decoded or fails its sha256.
+            StoreError: unknown array, or a shard that fails its sha256 (checked on the file bytes before
+                decoding) or cannot be decoded.
         """
         if key not in self._arrays:
             raise StoreError(f"array {key!r} is not in feature store {self.path}")
@@ -298,27 +309,18 @@ class FeatureStore:
             start, stop, step = index.indices(n)
             if start >= stop:
                 return torch.from_numpy(np.ascontiguousarray(array[index], dtype=np.float32))
-            first, last = start // size, (stop - 1) // size
-            pending = [s for s in range(first, last + 1) if s not in self._verified[key]]
-            if pending:
-                # Read the shard-aligned superset once and check the unverified shards in it.
-                lo, hi = self._bounds(first)[0], self._bounds(last)[1]
-                block = self._decode(key, f"shards {first}..{last}", lambda: array[lo:hi])
-                for s in pending:
-                    a, b = self._bounds(s)
-                    self._check_shard(key, s, block[a - lo : b - lo])
-                data = block[start - lo : stop - lo : step]
-            else:
-                data = self._decode(key, f"shards {first}..{last}", lambda: array[start:stop:step])
+            shards = set(range(start // size, (stop - 1) // size + 1))
+            what, read = f"shards {start // size}..{(stop - 1) // size}", lambda: array[start:stop:step]
         else:
             idx = np.asarray(index.cpu() if isinstance(index, torch.Tensor) else index, dtype=np.int64)
             idx = np.where(idx < 0, idx + n, idx)
             if idx.size and (idx.min() < 0 or idx.max() >= n):
                 raise StoreError(f"sample index out of range for feature store {self.path} ({n} samples)")
-            for s in sorted({int(i) // size for i in idx.tolist()} - self._verified[key]):
-                self._check_shard(key, s, self._decode_shard(key, s))
-            data = self._decode(key, "selection", lambda: array.get_orthogonal_selection((idx,)))
-        return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+            shards = {int(i) // size for i in idx.tolist()}
+            what, read = "selection", lambda: array.get_orthogonal_selection((idx,))
+        for s in sorted(shards - self._verified[key]):
+            self._check_shard(key, s)
+        return torch.from_numpy(np.ascontiguousarray(self._decode(key, what, read), dtype=np.float32))
 
     def iter_inputs(self, position: int, batch_size: int, limit: int | None = None) -> Iterator[torch.Tensor]:
         """Batches of unit ``position``'s FP input over the first ``limit`` samples, in order."""
@@ -331,11 +333,11 @@ class FeatureStore:
         """Check every shard of every array against its sha256 now (instead of on first read).
 
         Raises:
-            StoreError: a shard cannot be decoded or does not match (names the array and shard).
+            StoreError: a shard file is missing or does not match (names the array and shard).
         """
         for key, sums in self._checksums.items():
             for i in range(len(sums)):
-                self._check_shard(key, i, self._decode_shard(key, i))
+                self._check_shard(key, i)
 
 
 def extract_features(

@@ -120,24 +120,42 @@ def test_writer_rejects_excess_samples(tmp_path: Path) -> None:
     assert np.asarray(writer.arrays["input"][:]).shape == (4, 2)
 
 
-def _flip(store: Path, array: str, shard: int) -> None:
+def _damage(store: Path, array: str, shard: int, how: str) -> None:
+    """``flip``: one bit mid-file (the codec may or may not notice); ``header``: the first chunk's blosc
+    header overwritten, so the codec itself fails on every build."""
     (path,) = [p for p in (store / array / "c" / str(shard)).rglob("*") if p.is_file()]
     data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
+    if how == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        data[:16] = b"\xff" * 16
     path.write_bytes(bytes(data))
 
 
+def test_header_damage_makes_the_codec_fail(tmp_path: Path) -> None:
+    """The premise of the ``header`` cases below: unchecked, zarr's own read raises inside blosc."""
+    import zarr
+
+    _write(tmp_path / "s.zarr")
+    _damage(tmp_path / "s.zarr", "units/layer1.0/output", 1, "header")
+    array = zarr.open_group(store=str(tmp_path / "s.zarr"), mode="r")["units/layer1.0/output"]
+    with pytest.raises(Exception, match="blosc"):
+        array[8:16]
+
+
+@pytest.mark.parametrize("how", ["flip", "header"])
 @pytest.mark.parametrize(
     "index", [slice(0, 20), slice(9, 12), [10, 3], torch.tensor([15]), np.array([-5])], ids=lambda i: repr(i)[:12]
 )
-def test_corrupt_shard_is_never_returned(tmp_path: Path, index: object) -> None:
-    """Readers check each shard's sha256 on its first read: any read touching shard 1 fails."""
+def test_corrupt_shard_is_never_returned(tmp_path: Path, index: object, how: str) -> None:
+    """Readers check each shard file's sha256 before decoding it: any read touching shard 1 fails with the
+    checksum error naming shard 1, whatever the damage does to the codec (a read spanning shards included)."""
     _write(tmp_path / "s.zarr")
-    _flip(tmp_path / "s.zarr", "units/layer1.0/output", 1)
+    _damage(tmp_path / "s.zarr", "units/layer1.0/output", 1, how)
     store = FeatureStore.open(tmp_path / "s.zarr")
     store.unit("layer1.0").outputs(slice(0, 8))  # shard 0 is intact
     store.unit("stem").outputs(slice(0, 20))  # other arrays are intact
-    with pytest.raises(StoreError, match=r"array units/layer1.0/output shard.* 1.*dvc repro features"):
+    with pytest.raises(StoreError, match=r"units/layer1.0/output shard 1 fails its checksum; .*dvc repro features"):
         store.unit("layer1.0").outputs(index)  # type: ignore[arg-type]
 
 

@@ -440,7 +440,7 @@ CASES = [
     Case("store-missing", "quantize",
          "feature store not found or incomplete at {case}/none.zarr; rerun the features stage",
          setup=missing("--features", "none.zarr")),
-    Case("store-old-version", "quantize", "has format version 1, this ptqflow reads 2; rerun the features stage",
+    Case("store-old-version", "quantize", "has format version 1, this ptqflow reads 3; rerun the features stage",
          setup=old_version_store),
     Case("store-garbled-json", "reconstruct", "store.zarr is unreadable (", setup=garbled_store_json),
     Case("store-not-ptqflow", "quantize", "store.zarr is not a ptqflow feature store", setup=not_a_store),
@@ -449,9 +449,9 @@ CASES = [
          "array units/head/grad is float32[16, 11], its manifest says float32[16, 10]",
          setup=reshaped_array),
     Case("store-shard-deleted", "quantize",
-         "array input shard 0 fails its checksum; rerun the features stage (dvc repro features)",
-         setup=delete_shard),
-    Case("store-shard-truncated", "reconstruct", "array units/layer1.0/output shards 0..1 cannot be decoded",
+         "array input shard 0 is missing or unreadable (FileNotFoundError); rerun the features stage "
+         "(dvc repro features)", setup=delete_shard),
+    Case("store-shard-truncated", "reconstruct", "array units/layer1.0/output shard 0 fails its checksum; rerun",
          setup=truncate_shard),
     Case("store-flipped-byte", "reconstruct", "array units/layer1.0/output shard 1 ", setup=flip_byte),
     # quantized models
