@@ -2,11 +2,14 @@
 
     python bench/zoo_coverage.py --out bench/zoo_coverage.json            # all of them (about an hour)
     python bench/zoo_coverage.py --models resnet18 efficientnet_b0        # a few
+    python bench/zoo_coverage.py --table bench/zoo_coverage.json          # the table of a saved run
 
 Each model runs :func:`ptqflow.coverage.check_model` (W4A4, QDrop convention, 4 images, 2 QDrop iterations
 per unit, ONNX export checked in onnxruntime) in its own process (bounded memory, one thread), at 64x64
 unless the architecture needs more. Prints a markdown table; ``--out`` also writes the JSON rows.
 ``--timm`` runs the same check over a sample of timm CNN families (``pip install timm``; no weights needed).
+A model refused for weights hidden in an op is then run the way its one-line error says: each module it names
+added to ``float_leaves`` until accepted (``with_float_leaves`` in the JSON row).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import re
 import sys
 import tempfile
 import time
@@ -58,10 +62,35 @@ def _one(name: str, source: str, queue: Any) -> None:
             row["status"] = f"pass; export refused: {report.onnx_error}"
     except ModelError as exc:
         row.update(status="refused", reason=str(exc))
+        if "holds weights ptqflow cannot quantize" in str(exc):
+            row["with_float_leaves"] = _with_float_leaves(model, size, str(exc))
     except Exception as exc:  # a crash is a finding: report it, do not stop the sweep
         row.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     row["seconds"] = round(time.perf_counter() - began, 1)
     queue.put(row)
+
+
+def _with_float_leaves(model: torch.nn.Module, size: int, reason: str) -> dict[str, Any]:
+    """Do what the refusal says: add each module it names to ``float_leaves`` until the model is accepted,
+    then run the same check (the named modules stay float and are listed)."""
+    from ptqflow.coverage import check_model
+    from ptqflow.errors import ModelError
+
+    leaves: list[str] = []
+    while True:
+        found = re.match(r"(?:module|function \S+ in) (\S+)", reason)
+        if found is None or found.group(1) in leaves or len(leaves) >= 200:
+            return {"status": "refused", "reason": reason, "float_leaves": leaves}
+        leaves.append(found.group(1))
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                report = check_model(model, torch.randn(4, 3, size, size), Path(tmp), float_leaves=leaves)
+        except ModelError as exc:
+            reason = str(exc)
+            continue
+        out: dict[str, Any] = report.to_json()
+        out["status"] = "pass" if report.passed else "FAIL"
+        return out
 
 
 def _run(name: str, source: str, timeout: float) -> dict[str, Any]:
@@ -79,41 +108,67 @@ def _run(name: str, source: str, timeout: float) -> dict[str, Any]:
     return row
 
 
+HEADER = (
+    "| model | units (blocks) | weight q | act q | silent float | probe | FP diff | QDrop | ONNX agree / rel "
+    "| first ONNX divergence | s | status |\n|---|---|---|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def markdown_row(row: dict[str, Any]) -> str:
+    """One table row (README "Coverage of the torchvision zoo")."""
+    name = row["model"]
+    if row["status"] == "FAIL" or row["status"].startswith("pass"):
+        return (
+            f"| {name} | {row['units']} ({row['blocks']}) | {row['weight_quantizers']} | "
+            f"{row['act_quantizers']} | {len(row['unquantized'])} | "
+            f"{row['probed'] - len(row['probe_violations'])}/{row['probed']} | "
+            f"{row['fp_max_abs_diff']:.1e} | {row['recon_steps']} steps | "
+            f"{row['onnx_agreement']:.0f} % / {row['onnx_rel_diff']:.1e} | {row['onnx_first_divergence'] or ''} | "
+            f"{row['seconds']} | {row['status']} |"
+        )
+    extra = ""
+    retry = row.get("with_float_leaves")
+    if retry:
+        extra = f"; with {len(retry['float_leaves'])} float leaves: {retry['status']}"
+        if "act_quantizers" in retry:
+            extra += (
+                f" ({retry['units']} units, {retry['weight_quantizers']} weight q, {retry['act_quantizers']} act q, "
+                f"{len(retry['unquantized'])} silent float, ONNX first divergence "
+                f"{retry['onnx_first_divergence'] or 'none'})"
+            )
+    return f"| {name} | | | | | | | | | | {row.get('seconds', '')} | {row['status']}: {row['reason']}{extra} |"
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    passed = sum(r["status"] == "pass" for r in rows)  # a refused export is not a pass
+    refused = sum(r["status"] == "refused" for r in rows)
+    leaves = sum(r.get("with_float_leaves", {}).get("status") == "pass" for r in rows)
+    return f"{passed} of {len(rows)} pass; {refused} refused in one line ({leaves} pass with the float leaves named)"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", help="torchvision (or with --timm, timm) model names")
     parser.add_argument("--timm", action="store_true", help="the timm sample instead of torchvision")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds per model")
     parser.add_argument("--out", type=Path, help="write the rows as JSON here")
+    parser.add_argument("--table", type=Path, help="only print the table of rows saved earlier with --out")
     args = parser.parse_args()
+    if args.table:
+        rows = json.loads(args.table.read_text())
+        print("\n".join([HEADER, *map(markdown_row, rows), summary(rows)]))
+        return 0
     source = "timm" if args.timm else "torchvision"
     names = args.models or (TIMM if args.timm else sorted(torchvision.models.list_models(module=torchvision.models)))
     rows = []
-    print(
-        "| model | units (blocks) | weight q | act q | silent float | probe | FP diff | QDrop | ONNX agree / rel "
-        "| first ONNX divergence | s | status |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(HEADER)
     for name in names:
         row = _run(name, source, args.timeout)
         rows.append(row)
-        if row["status"] == "FAIL" or row["status"].startswith("pass"):
-            print(
-                f"| {name} | {row['units']} ({row['blocks']}) | {row['weight_quantizers']} | "
-                f"{row['act_quantizers']} | {len(row['unquantized'])} | "
-                f"{row['probed'] - len(row['probe_violations'])}/{row['probed']} | "
-                f"{row['fp_max_abs_diff']:.1e} | {row['recon_steps']} steps | "
-                f"{row['onnx_agreement']:.0f} % / {row['onnx_rel_diff']:.1e} | {row['onnx_first_divergence'] or ''} | "
-                f"{row['seconds']} | {row['status']} |",
-                flush=True,
-            )
-        else:
-            seconds = row.get("seconds", "")
-            print(f"| {name} | | | | | | | | | | {seconds} | {row['status']}: {row['reason']} |", flush=True)
+        print(markdown_row(row), flush=True)
         if args.out:
             args.out.write_text(json.dumps(rows, indent=1) + "\n")
-    passed = sum(r["status"] == "pass" for r in rows)  # a refused export is not a pass
-    print(f"{passed} of {len(rows)} pass; {sum(r['status'] == 'refused' for r in rows)} refused with a reason")
+    print(summary(rows))
     return 0
 
 

@@ -94,6 +94,7 @@ class FeatureStoreWriter:
                 dtype=dtype,
                 compressors=_compressor(dtype),
                 fill_value=0,
+                config={"write_empty_chunks": True},  # every shard has a file to hash, all-zero ones too
             )
         self._buffers = {k: np.zeros((shard_size, *s), dtype=dtype) for k, s in specs.items()}
         self._filled = 0  # samples in the current shard buffer

@@ -99,6 +99,16 @@ def test_flipped_byte_is_detected(tmp_path: Path) -> None:
         FeatureStore.open(tmp_path / "s.zarr").verify()
 
 
+def test_all_zero_shards_are_written_and_checked(tmp_path: Path) -> None:
+    """zarr skips chunks equal to the fill value by default; the store writes them so each has a hash."""
+    writer = FeatureStoreWriter(tmp_path / "z.zarr", ["u"], (2,), [(2,)], 4, chunk_size=2, shard_size=2)
+    writer.append(torch.zeros(4, 2), [torch.ones(4, 2)], [torch.zeros(4, 2)])
+    writer.close()
+    store = FeatureStore.open(tmp_path / "z.zarr")
+    store.verify()
+    assert torch.equal(store.unit("u").grads(slice(0, 4)), torch.zeros(4, 2))
+
+
 def test_open_errors(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="not found or incomplete.*dvc repro features"):
         FeatureStore.open(tmp_path / "missing.zarr")
