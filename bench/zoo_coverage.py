@@ -88,6 +88,9 @@ def _with_float_leaves(model: torch.nn.Module, size: int, reason: str) -> dict[s
         except ModelError as exc:
             reason = str(exc)
             continue
+        except Exception as exc:  # a crash is a finding, as in _one
+            message = str(exc).splitlines()[0] if str(exc) else ""
+            return {"status": "error", "reason": f"{type(exc).__name__}: {message}", "float_leaves": leaves}
         out: dict[str, Any] = report.to_json()
         out["status"] = "pass" if report.passed else "FAIL"
         return out

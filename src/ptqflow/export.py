@@ -276,17 +276,26 @@ def _trace(model: QuantModel, example: torch.Tensor, opset: int) -> bytes:
                 "model is larger than protobuf's 2 GiB limit for one ONNX file; ptqflow's export does not "
                 "write ONNX external data yet"
             )
-        torch.onnx.export(
-            model,
-            (example,),
-            buffer,  # type: ignore[arg-type]  # the TorchScript exporter writes to file-likes too
-            dynamo=False,
-            opset_version=opset,
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
-            do_constant_folding=True,
-        )
+        # nn.MultiheadAttention kept as a float leaf would take its fused inference kernel
+        # (aten::_native_multi_head_attention), which has no ONNX symbolic; its composite path exports.
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            torch.onnx.export(
+                model,
+                (example,),
+                buffer,  # type: ignore[arg-type]  # the TorchScript exporter writes to file-likes too
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                do_constant_folding=True,
+            )
+        except torch.onnx.errors.UnsupportedOperatorError as exc:
+            raise ExportError(f"ONNX export: {str(exc).splitlines()[0]}") from None
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
     return buffer.getvalue()
 
 

@@ -186,3 +186,33 @@ def test_model_mid_reconstruction_is_refused() -> None:
     next(layer for _, layer in model.quant_layers()).start_adaround()
     with pytest.raises(ModelError, match="soft AdaRound"):
         export_onnx(model, x[:1], ExportConfig())
+
+
+class _TinyAttention(torch.nn.Module):
+    """Conv patches -> tokens -> nn.MultiheadAttention -> linear head (the ViT shape, in miniature)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, 16, 4, stride=4)
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.head = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        mixed, _ = self.attn(tokens, tokens, tokens, need_weights=False)
+        return self.head((tokens + mixed).mean(1))
+
+
+def test_multihead_attention_float_leaf_exports() -> None:
+    """A float-leaf nn.MultiheadAttention must not take its fused inference kernel during export (that op has
+    no ONNX symbolic); the exported graph matches torch, and the fast-path switch is restored."""
+    torch.manual_seed(0)
+    model = build_quant_model(_TinyAttention().eval(), QuantConfig(4, 4, float_leaves=("attn",)))
+    x = torch.randn(32, 3, 8, 8)
+    calibrate_on(model, x[:16])
+    model_bytes = export_onnx(model, x[:1], ExportConfig(opset=21))[0]
+    assert torch.backends.mha.get_fastpath_enabled()
+    with torch.no_grad():
+        ref = model(x)
+    agreement = compare_logits(ref, _run(model_bytes, x, optimize=False), torch.zeros(32, dtype=torch.int64))
+    assert agreement["agreement"] >= 95.0  # percent; node by node, only rare rounding flips differ
