@@ -63,6 +63,10 @@ def _one(name: str, source: str, queue: Any) -> None:
     except ModelError as exc:
         row.update(status="refused", reason=str(exc))
         if "holds weights ptqflow cannot quantize" in str(exc):
+            # The refusal is the finding; report it before a retry that may not fit in memory.
+            row["with_float_leaves"] = {"status": "error", "reason": "the retry's process died", "float_leaves": []}
+            row["seconds"] = round(time.perf_counter() - began, 1)
+            queue.put(dict(row))
             row["with_float_leaves"] = _with_float_leaves(model, size, str(exc))
     except Exception as exc:  # a crash is a finding: report it, do not stop the sweep
         row.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
@@ -105,10 +109,14 @@ def _run(name: str, source: str, timeout: float) -> dict[str, Any]:
     if proc.is_alive():
         proc.kill()
         return {"model": name, "source": source, "status": "error", "reason": f"timed out after {timeout:.0f} s"}
-    if proc.exitcode != 0 and queue.empty():
+    rows: list[dict[str, Any]] = []
+    while not queue.empty():
+        rows.append(queue.get())
+    if not rows:
         return {"model": name, "source": source, "status": "error", "reason": f"process died (exit {proc.exitcode})"}
-    row: dict[str, Any] = queue.get()
-    return row
+    if proc.exitcode != 0 and "with_float_leaves" in rows[-1]:
+        rows[-1]["with_float_leaves"]["reason"] = f"the retry's process died (exit {proc.exitcode})"
+    return rows[-1]
 
 
 HEADER = (
@@ -133,6 +141,8 @@ def markdown_row(row: dict[str, Any]) -> str:
     retry = row.get("with_float_leaves")
     if retry:
         extra = f"; with {len(retry['float_leaves'])} float leaves: {retry['status']}"
+        if retry["status"] != "pass" and "reason" in retry:
+            extra += f" ({retry['reason']})"
         if "act_quantizers" in retry:
             extra += (
                 f" ({retry['units']} units, {retry['weight_quantizers']} weight q, {retry['act_quantizers']} act q, "

@@ -22,6 +22,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
+from torchvision.models import swin_transformer
 
 __all__ = [
     "ACTIVATION_MODULES",
@@ -96,6 +97,8 @@ _PASS_FUNCTIONS: set[Any] = {
     F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.pixel_shuffle, F.pixel_unshuffle,
     torch.max_pool1d, torch.max_pool2d, torch.max_pool3d, torch.avg_pool1d, torch.adaptive_avg_pool1d,
     torch.adaptive_max_pool1d, torch.dropout,
+    # zero padding + strided slices + concat (zero is on every asymmetric grid: the zero point is an integer)
+    swin_transformer._patch_merging_pad,
 }  # fmt: skip
 _PASS_METHODS = {
     "view", "reshape", "permute", "transpose", "flatten", "unflatten", "contiguous", "squeeze", "unsqueeze",

@@ -44,6 +44,15 @@ def test_stages_declare_their_code_and_params(pipeline: Path) -> None:
             assert key.split(".")[0] in read, f"{name} declares {key} but never reads that section"
 
 
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_placement_stages_declare_the_op_tables(pipeline: Path) -> None:
+    """units.py and quant/ place quantizers by the tables in ops.py: a stage running them depends on it too."""
+    for name, stage in _stages(pipeline).items():
+        deps = {str((pipeline.parent / d).resolve().relative_to(ROOT)) for d in stage["deps"] if "${" not in d}
+        if deps & {"src/ptqflow/units.py", "src/ptqflow/quant"}:
+            assert "src/ptqflow/ops.py" in deps, f"{pipeline.name}:{name} must depend on src/ptqflow/ops.py"
+
+
 def test_root_stage_keys_exist_in_params() -> None:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     for name, stage in _stages(ROOT / "dvc.yaml").items():
