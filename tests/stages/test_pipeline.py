@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import write_fake_fashion_mnist
-from tiny_repo import lock_without_timing, make_tiny_repo, ran_stages, run
+from tiny_repo import ColdRun, lock_without_timing, ran_stages, run
 
 
 def _run(cmd: list[str], cwd: Path) -> str:
@@ -19,13 +18,12 @@ _ran = ran_stages
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("pipeline")
-    return make_tiny_repo(base / "repo", write_fake_fashion_mnist(base / "fm", train=64, test=30))
+def repo(cold_run: ColdRun) -> Path:
+    return cold_run.repo
 
 
-def test_repro_reruns_only_what_changed(repo: Path) -> None:
-    log = _run(["dvc", "repro"], repo)
+def test_repro_reruns_only_what_changed(repo: Path, cold_run: ColdRun) -> None:
+    log = cold_run.log  # the session's cold run of this repo (conftest.py)
     assert _ran(log) == [
         "evaluate",
         "export",

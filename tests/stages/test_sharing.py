@@ -5,7 +5,8 @@ One tiny pipeline run in clone A serves three teammates:
 - C asks for a parameter set A computed but never committed: the run-cache restores it (A pushed with
   ``ptqflow share``, which also uploads the objects that plain ``dvc push --run-cache`` leaves behind);
 - D shares A's cache directory (``cache.shared group``, ``cache.type symlink``): no push, no pull;
-- E is a second cold run in a separate repo: byte-identical outputs (determinism, same dvc.lock hashes).
+- E is a second cold run in a separate repo (the session's, conftest.py): byte-identical outputs
+  (determinism, same dvc.lock hashes).
 """
 
 from __future__ import annotations
@@ -18,8 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import write_fake_fashion_mnist
-from tiny_repo import ROOT, lock_without_timing, make_tiny_repo, ran_stages, run, tiny_params, write_params
+from tiny_repo import ROOT, ColdRun, lock_without_timing, make_tiny_repo, ran_stages, run, tiny_params, write_params
 
 STAGES = sorted(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])  # a cold run runs every stage
 
@@ -58,9 +58,9 @@ def _outputs(repo: Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def team(tmp_path_factory: pytest.TempPathFactory) -> Team:
+def team(tmp_path_factory: pytest.TempPathFactory, cold_run: ColdRun) -> Team:
     root = tmp_path_factory.mktemp("team")
-    data_root = write_fake_fashion_mnist(root / "fashion-mnist", train=64, test=30)
+    data_root = cold_run.data_root  # the same data path: dvc.lock names it
     remote, shared_cache = root / "remote", root / "shared-cache"
     a = make_tiny_repo(root / "a", data_root)
     run(["dvc", "remote", "add", "-d", "team", str(remote)], a)
@@ -147,15 +147,16 @@ def test_shipped_remote_is_one_command_away(tmp_path: Path) -> None:
     assert run(["dvc", "config", "core.remote"], repo).strip() == "shared"
 
 
-def test_two_cold_runs_in_separate_repos_are_byte_identical(team: Team) -> None:
+def test_two_cold_runs_in_separate_repos_are_byte_identical(team: Team, cold_run: ColdRun) -> None:
     """A second repo, its own empty cache, same params: every stage's outputs hash the same as A's.
 
     zarr stores included (their attrs hold no paths or timestamps); only the wall seconds (tiny_repo.TIMING) differ.
+    The second repo is the session's cold run (conftest.py), compared as its first ``dvc repro`` left it.
     """
-    e = make_tiny_repo(team.root / "e", team.data_root)
-    assert ran_stages(run(["dvc", "repro"], e)) == STAGES
+    e = cold_run.repo
+    assert ran_stages(cold_run.log) == STAGES
     committed = lock_without_timing(yaml.safe_load(run(["git", "show", "HEAD:dvc.lock"], team.a)))
-    mine = lock_without_timing(yaml.safe_load((e / "dvc.lock").read_text()))
+    mine = lock_without_timing(yaml.safe_load(cold_run.lock))
     differing = [
         (name, entry.get("path"))
         for name, stage in committed["stages"].items()
@@ -172,4 +173,4 @@ def test_two_cold_runs_in_separate_repos_are_byte_identical(team: Team) -> None:
             assert str(e).encode() not in path.read_bytes(), f"{path} holds the repo path"
     for meta in (e / "data/features/store.zarr").rglob("zarr.json"):
         text = meta.read_text()
-        assert str(team.root) not in text and "time" not in text.lower(), meta
+        assert str(e.parent) not in text and "time" not in text.lower(), meta

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,13 @@ def lock_without_timing(lock: dict[str, Any]) -> dict[str, Any]:
     for stage in lock["stages"].values():
         stage["outs"] = [o for o in stage.get("outs", []) if o["path"] not in TIMING]
     return lock
+
+
+@dataclass(frozen=True)
+class ColdRun:
+    """A tiny repo after its first ``dvc repro`` (its own empty cache)."""
+
+    repo: Path
+    data_root: Path  # the fake Fashion-MNIST (64 train, 30 test images), shared by every tiny repo
+    log: str  # what that first ``dvc repro`` printed
+    lock: str  # dvc.lock right after it (tests may edit params and rerun the repo afterwards)
