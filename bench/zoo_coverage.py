@@ -37,10 +37,27 @@ TIMM = ["resnet18", "efficientnet_b0", "mobilenetv3_small_100", "regnety_002", "
         "repvgg_a0", "resnest14d", "selecsls42b", "vovnet39a", "xception41", "mobilevit_xxs"]  # fmt: skip
 
 
+def _crash(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def _checked(model: torch.nn.Module, size: int, leaves: list[str]) -> dict[str, Any]:
+    """check_model on 4 random images; the row's fields and status (an export refused alone is noted)."""
+    from ptqflow.coverage import check_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        report = check_model(model, torch.randn(4, 3, size, size), Path(tmp), float_leaves=leaves)
+    row: dict[str, Any] = report.to_json()
+    row["status"] = "pass" if report.passed else "FAIL"
+    if report.onnx_error and not report.unquantized and not report.probe_violations and report.recon_finite:
+        row["status"] = f"pass; export refused: {report.onnx_error}"
+    return row
+
+
 def _one(name: str, source: str, queue: Any) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    from ptqflow.coverage import bn_statistics, check_model
+    from ptqflow.coverage import bn_statistics
     from ptqflow.errors import ModelError
 
     began = time.perf_counter()
@@ -54,12 +71,7 @@ def _one(name: str, source: str, queue: Any) -> None:
             model = torchvision.models.get_model(name, weights=None)
         size = SIZES.get(name, 64)
         bn_statistics(model, torch.randn(8, 3, size, size))
-        with tempfile.TemporaryDirectory() as tmp:
-            report = check_model(model, torch.randn(4, 3, size, size), Path(tmp))
-        row.update(report.to_json())
-        row["status"] = "pass" if report.passed else "FAIL"
-        if report.onnx_error and not report.unquantized and not report.probe_violations and report.recon_finite:
-            row["status"] = f"pass; export refused: {report.onnx_error}"
+        row.update(_checked(model, size, []))
     except ModelError as exc:
         row.update(status="refused", reason=str(exc))
         if "holds weights ptqflow cannot quantize" in str(exc):
@@ -69,7 +81,7 @@ def _one(name: str, source: str, queue: Any) -> None:
             queue.put(dict(row))
             row["with_float_leaves"] = _with_float_leaves(model, size, str(exc))
     except Exception as exc:  # a crash is a finding: report it, do not stop the sweep
-        row.update(status="error", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        row.update(status="error", reason=_crash(exc))
     row["seconds"] = round(time.perf_counter() - began, 1)
     queue.put(row)
 
@@ -77,7 +89,6 @@ def _one(name: str, source: str, queue: Any) -> None:
 def _with_float_leaves(model: torch.nn.Module, size: int, reason: str) -> dict[str, Any]:
     """Do what the refusal says: add each module it names to ``float_leaves`` until the model is accepted,
     then run the same check (the named modules stay float and are listed)."""
-    from ptqflow.coverage import check_model
     from ptqflow.errors import ModelError
 
     leaves: list[str] = []
@@ -87,17 +98,11 @@ def _with_float_leaves(model: torch.nn.Module, size: int, reason: str) -> dict[s
             return {"status": "refused", "reason": reason, "float_leaves": leaves}
         leaves.append(found.group(1))
         try:
-            with tempfile.TemporaryDirectory() as tmp:
-                report = check_model(model, torch.randn(4, 3, size, size), Path(tmp), float_leaves=leaves)
+            return _checked(model, size, leaves)
         except ModelError as exc:
             reason = str(exc)
-            continue
         except Exception as exc:  # a crash is a finding, as in _one
-            message = str(exc).splitlines()[0] if str(exc) else ""
-            return {"status": "error", "reason": f"{type(exc).__name__}: {message}", "float_leaves": leaves}
-        out: dict[str, Any] = report.to_json()
-        out["status"] = "pass" if report.passed else "FAIL"
-        return out
+            return {"status": "error", "reason": _crash(exc), "float_leaves": leaves}
 
 
 def _run(name: str, source: str, timeout: float) -> dict[str, Any]:
