@@ -4,7 +4,7 @@ Everything in one process, same calibration set (data/prepare/calibration.pt, 10
 seed 1005; run ``dvc repro prepare`` first), same seeds. Prints a markdown table.
 
     python bench/method_table.py [--iters 300] [--models resnet20 mobilenetv2_s] [--bits 4/4 2/4 3/3 2/2]
-        [--seed 0] [--methods brecq qdrop] [--act-lr 4e-5] [--keep-prob 0.5]
+        [--seed 0] [--methods brecq qdrop] [--act-lr 4e-5] [--keep-prob 0.5] [--softmax uniform|log2]
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from ptqflow.recon.reconstruct import ReconConfig, reconstruct
 from stages.common import load_split
 
 #: lambda of the rounding regulariser per model (algorithms.md section 2: 0.01 ResNet, 0.1 MobileNetV2; 0.1 for
-#: MobileNetV3, the same depthwise family).
-REG_WEIGHT = {"resnet20": 0.01, "mobilenetv2_s": 0.1, "mobilenetv3_s": 0.1}
+#: MobileNetV3, the same depthwise family; 0.01 for the ViT, whose linears are dense like ResNet's convs).
+REG_WEIGHT = {"resnet20": 0.01, "mobilenetv2_s": 0.1, "mobilenetv3_s": 0.1, "vit_s": 0.01}
 
 
 def main() -> None:
@@ -39,6 +39,7 @@ def main() -> None:
     parser.add_argument("--act-lr", type=float, default=4e-5, help="QDrop's activation-step learning rate")
     parser.add_argument("--keep-prob", type=float, default=0.5, help="QDrop's keep_prob (1.0 = no drop)")
     parser.add_argument("--methods", nargs="+", default=["brecq", "qdrop"], choices=["brecq", "qdrop"])
+    parser.add_argument("--softmax", choices=["uniform", "log2"], default="uniform", help="softmax-output grid")
     args = parser.parse_args()
     test = load_split(ROOT / "data" / "prepare" / "test.pt")
 
@@ -54,7 +55,9 @@ def main() -> None:
             fp_top1 = top1(fp)
             for bits in args.bits:
                 w, a = (int(b) for b in bits.split("/"))
-                rtn = rtn_model(fp, store, QuantConfig(weight_bits=w, act_bits=a, convention=args.convention))
+                rtn = rtn_model(
+                    fp, store, QuantConfig(weight_bits=w, act_bits=a, convention=args.convention, softmax=args.softmax)
+                )
                 row = [name, bits, f"{fp_top1:.2f}", f"{top1(rtn):.2f}"]
                 for method in args.methods:
                     model = copy.deepcopy(rtn)
@@ -77,7 +80,7 @@ def main() -> None:
     print(
         f"\n{args.iters} iterations per unit (BRECQ activation phase: {max(1, args.iters // 3)}), batch 32,"
         f" QDrop act lr {args.act_lr:g}, keep_prob {args.keep_prob:g}, seed {args.seed},"
-        f" convention {args.convention}, device {DEVICE}\n"
+        f" convention {args.convention}, softmax {args.softmax}, device {DEVICE}\n"
     )
     print("\n".join(lines))
 

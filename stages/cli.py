@@ -378,9 +378,7 @@ def publish_weights(model_name: str, train_dir: Path, dest: Path) -> None:
     """Release a trained checkpoint to data/pretrained and record it in its manifest (not a DVC stage)."""
     from dataclasses import asdict
 
-    from ptqflow.train import TrainConfig
     from stages import train as stage
-    from stages.params import section
 
     params = load_params(train_dir / "params.yaml")
     entry = stage.publish(
@@ -388,7 +386,7 @@ def publish_weights(model_name: str, train_dir: Path, dest: Path) -> None:
         train_dir / "out" / f"{model_name}.pt",
         train_dir / "metrics" / f"{model_name}.json",
         dest,
-        asdict(section(params, "train", TrainConfig)),
+        asdict(stage.train_config(params, model_name)),
     )
     click.echo(json.dumps(entry, indent=2))
 

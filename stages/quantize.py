@@ -48,6 +48,8 @@ class QuantizeConfig:
     p: exponent of the Lp range search.
     calib_size: calibration samples that initialise activation ranges.
     batch_size: samples per batch while calibrating.
+    softmax: grid of the quantizers on softmax outputs (attention probabilities): ``uniform`` or ``log2``
+        (powers of two; cannot be exported to ONNX QDQ).
     """
 
     bits: dict[str, BitPair] = field(default_factory=_default_bits)
@@ -56,6 +58,7 @@ class QuantizeConfig:
     p: float = 2.4
     calib_size: int = 256
     batch_size: int = 64
+    softmax: Literal["uniform", "log2"] = "uniform"
 
     def __post_init__(self) -> None:
         if not self.bits:
@@ -82,6 +85,7 @@ class QuantizeConfig:
             convention=self.convention,
             p=self.p,
             calib_size=self.calib_size,
+            softmax=self.softmax,
         )
 
 

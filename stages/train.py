@@ -7,17 +7,37 @@ from typing import Any
 
 from ptqflow.atomic import atomic_save_torch, atomic_write_json
 from ptqflow.data import load_fashion_mnist
-from ptqflow.models import build_model
+from ptqflow.errors import ConfigError
+from ptqflow.models import EMBEDDED_MODELS, build_model
 from ptqflow.train import TrainConfig, train_classifier
 from stages.common import resolve_device, seed_everything
-from stages.params import BaseConfig, section
+from stages.params import BaseConfig, parse_dataclass, section
 from stages.prepare import PrepareConfig
+
+
+def train_config(params: dict[str, Any], model_name: str) -> TrainConfig:
+    """``train.*`` with ``train.models.<model_name>.*`` on top (per-model keys, e.g. AdamW for the ViT).
+
+    Raises:
+        ConfigError: ``train.models`` is not a mapping of embedded model names to mappings of train keys.
+    """
+    data = dict(params.get("train") or {})
+    overrides = data.pop("models", None) or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"train.models must map model names to train keys, got {type(overrides).__name__}")
+    for name, keys in overrides.items():
+        if name not in EMBEDDED_MODELS:
+            raise ConfigError(f"train.models.{name}: not an embedded model; allowed: {sorted(EMBEDDED_MODELS)}")
+        if "models" in (keys or {}):
+            raise ConfigError(f"train.models.{name}.models: overrides do not nest")
+        parse_dataclass(TrainConfig, keys, f"train.models.{name}")  # an unknown or bad key named where it is
+    return section({"train": {**data, **(overrides.get(model_name) or {})}}, "train", TrainConfig)
 
 
 def run(params: dict[str, Any], model_name: str, out: Path, metrics: Path) -> dict[str, float]:
     """Train ``model_name`` with ``train.*`` params; write the state_dict and per-epoch metrics."""
     base = section(params, "base", BaseConfig)
-    config = section(params, "train", TrainConfig)
+    config = train_config(params, model_name)
     prepare = section(params, "prepare", PrepareConfig)
     device = resolve_device(base.device)
     train_set = load_fashion_mnist(Path(prepare.data_root), "train")

@@ -27,7 +27,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.fx
@@ -174,6 +174,7 @@ def check_model(
     recon_iters: int = 2,
     export: bool = True,
     float_leaves: Sequence[str] = (),
+    softmax: Literal["uniform", "log2"] = "uniform",
 ) -> CoverageReport:
     """Run the coverage checks (module docstring) on ``model`` with the batch ``example``.
 
@@ -186,6 +187,7 @@ def check_model(
         recon_iters: QDrop iterations per unit.
         export: also export to ONNX and run it in onnxruntime.
         float_leaves: module paths kept in float.
+        softmax: grid of the softmax-output quantizers (``log2`` cannot be exported: set ``export=False``).
 
     Raises:
         ModelError: the model cannot be traced or placed (the message says which op and what to do).
@@ -195,7 +197,9 @@ def check_model(
     n = example.shape[0]
     folded = fold_bn(model).eval()
     units = extract_units(folded, float_leaves)
-    qconfig = QuantConfig(weight_bits, act_bits, convention="qdrop", calib_size=n, float_leaves=tuple(float_leaves))
+    qconfig = QuantConfig(
+        weight_bits, act_bits, convention="qdrop", calib_size=n, float_leaves=tuple(float_leaves), softmax=softmax
+    )
     quant = build_quant_model(model, qconfig, init_weights=False)
     _min_max_weights(quant)
     report.units = len(units)

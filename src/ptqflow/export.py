@@ -45,7 +45,7 @@ from torch import nn
 from ptqflow.data import LabelledImages, batches
 from ptqflow.errors import ConfigError, ExportError, ModelError
 from ptqflow.quant.model import QuantModel
-from ptqflow.quant.quantizer import _EPS, ActQuantizer, WeightQuantizer, fake_quantize
+from ptqflow.quant.quantizer import _EPS, ActQuantizer, Log2ActQuantizer, WeightQuantizer, fake_quantize
 
 if TYPE_CHECKING:
     import onnx
@@ -171,6 +171,11 @@ def _check_exportable(model: QuantModel) -> None:
     for name, quantizer in model.act_quantizers():
         if not quantizer.enabled or quantizer.observing or quantizer.keep_prob < 1.0:
             raise ModelError(f"activation quantizer {name} is not in its inference state (enabled, no drop)")
+        if isinstance(quantizer, Log2ActQuantizer):
+            raise ExportError(
+                f"activation quantizer {name} uses the log2 softmax grid, which no ONNX QuantizeLinear/"
+                "DequantizeLinear pair expresses; quantize with quantize.softmax: uniform to export"
+            )
 
 
 def tensor_quants(model: QuantModel, config: ExportConfig) -> list[TensorQuant]:

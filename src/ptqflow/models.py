@@ -9,6 +9,10 @@
 * ``mobilenetv3_s``: torchvision's ``MobileNetV3`` (Howard et al., "Searching for MobileNetV3", ICCV
   2019) narrowed the same way: Hardswish, squeeze-excitation with Hardsigmoid gates -- blocks no
   per-class code ever covered, quantized by the graph rules alone.
+* ``vit_s``: torchvision's ``VisionTransformer`` (Dosovitskiy et al., "An Image is Worth 16x16 Words",
+  ICLR 2021) for 28x28: 4x4 patches (49 tokens + the class token), width 96, 4 encoder layers of 4 heads,
+  MLP 192, a 1-channel patch embedding (0.31 M parameters) -- attention quantized through
+  :mod:`ptqflow.attention`.
 * any classifier in ``torchvision.models`` by name (``torchvision.resnet18``), weights read from a local
   file -- never downloaded. ``torchvision.regnet_x_600mf`` (in the BRECQ/QDrop tables, not shipped by
   torchvision) is built from torchvision's ``RegNet`` class with the RegNetX-600MF design parameters of
@@ -33,6 +37,7 @@ from torchvision.models.mobilenetv2 import MobileNetV2
 from torchvision.models.mobilenetv3 import InvertedResidualConfig, MobileNetV3
 from torchvision.models.regnet import BlockParams, RegNet
 from torchvision.models.resnet import BasicBlock
+from torchvision.models.vision_transformer import VisionTransformer
 from torchvision.ops.misc import Conv2dNormActivation
 
 from ptqflow.errors import ModelError
@@ -49,6 +54,7 @@ __all__ = [
     "register_model",
     "regnet_x_600mf",
     "resnet20",
+    "vit_s",
     "weights_hint",
 ]
 
@@ -168,6 +174,21 @@ def mobilenetv3_s(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
         in_channels, 16, kernel_size=3, stride=1, norm_layer=nn.BatchNorm2d, activation_layer=nn.Hardswish
     )
     nn.init.kaiming_normal_(model.features[0][0].weight, mode="fan_out")
+    return model
+
+
+@register_model("vit_s")
+def vit_s(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
+    """A small ViT for 28x28 inputs (torchvision's class; module docstring): 4x4 patches, 4 layers, width 96."""
+    hidden = 96
+    model = VisionTransformer(
+        image_size=28, patch_size=4, num_layers=4, num_heads=4, hidden_dim=hidden, mlp_dim=2 * hidden,
+        num_classes=num_classes,
+    )  # fmt: skip
+    model.conv_proj = nn.Conv2d(in_channels, hidden, kernel_size=4, stride=4)
+    fan_in = in_channels * 4 * 4
+    nn.init.trunc_normal_(model.conv_proj.weight, std=(1.0 / fan_in) ** 0.5)  # as torchvision's own init
+    nn.init.zeros_(model.conv_proj.bias)
     return model
 
 

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import swin_transformer
 
+from ptqflow import attention
+
 __all__ = [
     "ACTIVATION_MODULES",
     "AVERAGING_MODULES",
@@ -36,6 +38,7 @@ __all__ = [
     "classify_method",
     "classify_node",
     "classify_module",
+    "is_softmax",
 ]
 
 
@@ -99,6 +102,8 @@ _PASS_FUNCTIONS: set[Any] = {
     torch.adaptive_max_pool1d, torch.dropout,
     # zero padding + strided slices + concat (zero is on every asymmetric grid: the zero point is an integer)
     swin_transformer._patch_merging_pad,
+    # Swin's windows (ptqflow.attention): zero padding, cyclic shift, reshapes
+    attention.window_partition, attention.window_merge,
 }  # fmt: skip
 _PASS_METHODS = {
     "view", "reshape", "permute", "transpose", "flatten", "unflatten", "contiguous", "squeeze", "unsqueeze",
@@ -117,6 +122,8 @@ _COMPUTE_FUNCTIONS: set[Any] = {
     F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.mish, F.leaky_relu, F.elu, F.selu, F.celu, F.softplus,
     F.hardtanh, F.softmax, F.log_softmax, F.layer_norm, F.batch_norm, F.group_norm, F.instance_norm,
     F.interpolate, F.glu, F.pad, torch.constant_pad_nd,
+    # additive constants of attention logits (ptqflow.attention): shift mask, relative position bias tables
+    attention.add_shift_mask, attention.position_bias, attention.position_bias_v2,
 }  # fmt: skip
 _COMPUTE_METHODS = {
     "add", "sub", "mul", "div", "neg", "pow", "sqrt", "rsqrt", "exp", "log", "abs", "clamp", "clip",
@@ -196,3 +203,15 @@ def averages(op: str, target: Any, module: nn.Module | None = None) -> bool:
     if op == "call_function":
         return target in _AVERAGING_FUNCTIONS
     return op == "call_method" and target == "mean"
+
+
+_SOFTMAX_FUNCTIONS: set[Any] = {torch.softmax, F.softmax}
+
+
+def is_softmax(node: torch.fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` computes a softmax (its output may take the log2 grid, :mod:`ptqflow.quant.quantizer`)."""
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), nn.Softmax)
+    if node.op == "call_function":
+        return node.target in _SOFTMAX_FUNCTIONS
+    return node.op == "call_method" and node.target == "softmax"

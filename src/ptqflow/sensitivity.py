@@ -231,7 +231,8 @@ def layer_infos(model: QuantModel, example: torch.Tensor, first_last_weight_bits
     for index, (name, layer) in enumerate(named):
         weight = layer.layer.weight
         out = shapes[name]
-        spatial = int(np.prod(out[2:])) if len(out) > 2 else 1
+        # output positions per sample: H*W of a conv's (1, C, H, W); the tokens of a linear's (1, ..., out)
+        spatial = int(np.prod(out[1:-1] if isinstance(layer.layer, nn.Linear) else out[2:]))
         per_output = int(np.prod(weight.shape[1:]))
         stride = int(layer.layer.stride[0]) if isinstance(layer.layer, nn.Conv2d) else 1
         infos.append(

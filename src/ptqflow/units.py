@@ -39,6 +39,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from ptqflow.attention import decompose_attention
 from ptqflow.errors import ModelError
 from ptqflow.ops import WEIGHT_MODULES, OpKind, classify_node
 
@@ -105,7 +106,8 @@ def _refuse_autograd_functions() -> Iterator[None]:
 def trace_model(
     model: nn.Module, float_leaves: Sequence[str] = ()
 ) -> tuple[torch.fx.GraphModule, dict[str, nn.Module]]:
-    """Trace ``model`` (a copy: in-place flags are switched off) into a ``GraphModule`` without in-place ops.
+    """Trace ``model`` (a copy: in-place flags are switched off, ``nn.MultiheadAttention`` decomposed by
+    :func:`ptqflow.attention.decompose_attention`) into a ``GraphModule`` without in-place ops.
 
     Returns:
         The graph module and the copy's own modules by path (the graph module's containers are plain
@@ -121,6 +123,7 @@ def trace_model(
         if leaf not in modules or leaf == "":
             raise ModelError(f"base.float_leaves entry {leaf!r} is not a submodule of {name}")
     model = copy.deepcopy(model)
+    decompose_attention(model, float_leaves)  # projections and matmuls become visible to placement
     try:
         with _refuse_autograd_functions():
             graph = _Tracer(frozenset(float_leaves)).trace(model)

@@ -22,12 +22,8 @@ LIGHT = {"mobilenet_v3_small", "shufflenet_v2_x0_5", "squeezenet1_1", "regnet_y_
 VITS = ("vit_b_16", "vit_b_32", "vit_l_16", "vit_l_32", "vit_h_14")
 SIZES = {"inception_v3": 96, "alexnet": 224, "maxvit_t": 224, **dict.fromkeys(VITS, 224)}
 SIZES.update({f"vgg{d}{bn}": 224 for d in (11, 13, 16, 19) for bn in ("", "_bn")})
-#: Models refused with a one-line reason (attention is the next issue: "Transformers").
-REFUSED = {
-    **dict.fromkeys(VITS, r"module encoder\.layers\.encoder_layer_0\.self_attention \(MultiheadAttention\) holds"),
-    **{name: r"function (shifted_window_attention|_get_relative_position_bias) in features\.1\.0\.attn holds weights"
-       for name in ("swin_t", "swin_s", "swin_b", "swin_v2_t", "swin_v2_s", "swin_v2_b")},
-}  # fmt: skip
+#: Models refused with a one-line reason: none since attention is decomposed (ptqflow.attention).
+REFUSED: dict[str, str] = {}
 #: Heavier than the rest: the checks pass, but the ONNX file would exceed protobuf's 2 GiB.
 NO_EXPORT = {"regnet_y_128gf", "vit_h_14"}
 

@@ -24,5 +24,5 @@ def test_checkpoint_matches_manifest(name: str) -> None:
 
 
 def test_embedded_models_are_released() -> None:
-    assert set(MANIFEST) == set(EMBEDDED_MODELS) == {"resnet20", "mobilenetv2_s", "mobilenetv3_s"}
+    assert set(MANIFEST) == set(EMBEDDED_MODELS) == {"resnet20", "mobilenetv2_s", "mobilenetv3_s", "vit_s"}
     assert MANIFEST["resnet20"]["test_top1"] > 92.0

@@ -384,6 +384,8 @@ CASES = [
          {"features": {"dtype": "int8"}}),
     Case("convention", "quantize", "quantize.convention must be one of 'brecq', 'qdrop'",
          {"quantize": {"convention": "mqbench"}}),
+    Case("softmax", "quantize", "quantize.softmax must be one of 'uniform', 'log2'; got 'twin'",
+         {"quantize": {"softmax": "twin"}}),
     Case("method", "reconstruct", "reconstruct.method must be one of 'brecq', 'qdrop'; got 'adaquant'",
          {"reconstruct": {"method": "adaquant"}}),
     Case("granularity", "reconstruct", "reconstruct.granularity must be one of 'layer', 'block', 'stage', 'net'",
@@ -398,7 +400,7 @@ CASES = [
          {"reconstruct": {"targets": ["../w2a4"]}}),
     # models and weights
     Case("model-unknown", "features",
-         "unknown model 'resnet99'; allowed: ['mobilenetv2_s', 'mobilenetv3_s', 'resnet20'], 'torchvision.<name>'",
+         "unknown model 'resnet99'; allowed: ['mobilenetv2_s', 'mobilenetv3_s', 'resnet20', 'vit_s'], 'torchvision.<name>'",
          {"base": {"model": "resnet99"}}),
     Case("model-torchvision-unknown", "predict", "unknown model 'torchvision.resnet7'",
          {"base": {"model": "torchvision.resnet7"}}),

@@ -40,7 +40,8 @@ def _run(cmd: list[str], cwd: Path) -> str:
 
 def _shrink(params: dict, data_root: Path) -> dict:
     params["base"]["device"] = "cpu"
-    params["prepare"].update(data_root=str(data_root), calib_size=8, image_size=32, resize_size=36)
+    size = 224 if "vit" in params["base"]["model"] else 32  # a ViT's position embedding fixes its input size
+    params["prepare"].update(data_root=str(data_root), calib_size=8, image_size=size, resize_size=size + size // 8)
     params["features"].update(batch_size=8, chunk_size=8, shard_size=8)
     params["quantize"]["bits"] = {"w2a4": params["quantize"]["bits"]["w2a4"]}  # one pair: the wiring is the same
     params["quantize"].update(calib_size=8, batch_size=8)
@@ -53,7 +54,7 @@ def test_every_paper_model_has_a_preset() -> None:
     models = {yaml.safe_load((ROOT / "pipelines" / p / "params.yaml").read_text())["base"]["model"] for p in PRESETS}
     assert models == {
         f"torchvision.{m}"
-        for m in ("resnet18", "resnet50", "mobilenet_v2", "regnet_x_600mf", "regnet_x_3_2gf", "mnasnet1_0")
+        for m in ("resnet18", "resnet50", "mobilenet_v2", "regnet_x_600mf", "regnet_x_3_2gf", "mnasnet1_0", "vit_b_16")
     }
 
 

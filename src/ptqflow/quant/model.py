@@ -55,6 +55,9 @@ class QuantConfig:
         calib_size: calibration images used to initialise activation ranges.
         float_leaves: module paths kept as opaque float ops (their weights and inner activations are not
             quantized; :attr:`QuantModel.float_leaves` reports them). Empty: everything is quantized.
+        softmax: grid of the quantizers on softmax outputs (attention probabilities): ``uniform`` (the
+            affine grid of every other activation) or ``log2`` (powers of two,
+            :class:`~ptqflow.quant.quantizer.Log2ActQuantizer`; no ONNX export).
     """
 
     weight_bits: int = 4
@@ -64,9 +67,12 @@ class QuantConfig:
     p: float = 2.4
     calib_size: int = 256
     float_leaves: tuple[str, ...] = ()
+    softmax: Literal["uniform", "log2"] = "uniform"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "float_leaves", tuple(self.float_leaves))
+        if self.softmax not in ("uniform", "log2"):
+            raise ConfigError(f"softmax must be one of 'uniform', 'log2', got {self.softmax!r}")
         if not all(isinstance(leaf, str) and leaf for leaf in self.float_leaves):
             raise ConfigError(f"float_leaves must be module paths, got {list(self.float_leaves)}")
         if self.convention not in ("brecq", "qdrop"):
@@ -229,7 +235,7 @@ def build_quant_model(fp_model: nn.Module, config: QuantConfig, init_weights: bo
         act_bits = config.act_bits
         if unit.kind == "stem" and config.convention == "brecq":
             act_bits = 8
-        quant_units.append(build_quant_unit(unit, config.weight_bits, act_bits))
+        quant_units.append(build_quant_unit(unit, config.weight_bits, act_bits, config.softmax))
     model = QuantModel([u.name for u in units], quant_units)
     missing = model.unquantized_inputs()
     if missing:

@@ -17,9 +17,11 @@ from torch import nn
 
 __all__ = [
     "ActQuantizer",
+    "Log2ActQuantizer",
     "WeightQuantizer",
     "check_bits",
     "fake_quantize",
+    "log2_fake_quantize",
     "lp_range_search",
     "round_ste",
 ]
@@ -167,6 +169,10 @@ class ActQuantizer(nn.Module):
         self.observing = False
         self.initialized = True
 
+    def fake_quantize(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The quantize-dequantize of ``x`` at step ``scale`` (uniform grid)."""
+        return fake_quantize(x, scale, self.zero_point, self.bits)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             self._observed.append(x.detach().float().cpu())
@@ -177,7 +183,57 @@ class ActQuantizer(nn.Module):
         if self.lsq_grad_scale and scale.requires_grad:
             g = 1.0 / math.sqrt(x.numel() * (2**self.bits - 1))
             scale = (scale - scale * g).detach() + scale * g  # forward: s; backward: g * ds
-        q = fake_quantize(x, scale.abs().clamp_min(_EPS), self.zero_point, self.bits)
+        q = self.fake_quantize(x, scale.abs().clamp_min(_EPS))
         if self.keep_prob < 1.0:
             return torch.where(torch.rand_like(x) < self.keep_prob, q, x)
         return q
+
+
+def log2_fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """``Q(x) = s * 2^-c`` with ``c = clamp(round(-log2(x / s)), 0, 2^b - 1)``, and 0 where ``c = 2^b - 1``.
+
+    The power-of-two grid of the ViT PTQ literature for post-softmax values (FQ-ViT, Lin et al., IJCAI 2022,
+    eq. 13; RepQ-ViT, Li et al., ICCV 2023, eq. 8 with base 2): ``2^b - 1`` levels ``s, s/2, ..., s/2^(2^b-2)``
+    plus zero (values below the smallest level underflow to zero, as a probability that small contributes
+    nothing), so a b-bit code holds it. Inputs are non-negative (softmax outputs). Straight-through round.
+    """
+    top = 2**bits - 1
+    code = -torch.log2((x / scale).clamp_min(2.0 ** -(top + 1)))
+    code = round_ste(code).clamp(0, top) if torch.is_grad_enabled() else code.round_().clamp_(0, top)
+    return torch.where(code < top, scale * torch.exp2(-code), torch.zeros_like(x))
+
+
+class Log2ActQuantizer(ActQuantizer):
+    """A :class:`ActQuantizer` on the power-of-two grid of :func:`log2_fake_quantize` (softmax outputs).
+
+    The range search picks ``s`` from ``max * 2^(-i/16)``, ``i = 0..31``, by the same Lp error as the uniform
+    search. Under the straight-through round ``Q(x) ~ x`` does not depend on ``s``, so LSQ's gradient on the
+    step vanishes and the searched ``s`` stays (no learned step, unlike the uniform quantizer); QDrop's drop
+    and the observe/init lifecycle are the same. No ONNX QDQ pair expresses this grid: export refuses it.
+    """
+
+    @torch.no_grad()
+    def init_range(self, p: float = 2.4) -> None:
+        if not self._observed:
+            raise RuntimeError("Log2ActQuantizer.init_range: no activations observed; run calibration batches first")
+        flat = torch.cat([t.reshape(-1) for t in self._observed])
+        if flat.numel() > MAX_SEARCH_ELEMENTS:
+            flat = flat[:: flat.numel() // MAX_SEARCH_ELEMENTS + 1]
+        top = float(flat.max().clamp_min(_EPS))
+        best_score, best_scale = float("inf"), top
+        for i in range(32):
+            scale = top * 2.0 ** (-i / 16)
+            score = float((flat - log2_fake_quantize(flat, torch.tensor(scale), self.bits)).abs().pow(p).mean())
+            if score < best_score:
+                best_score, best_scale = score, scale
+        self.scale.fill_(best_scale)
+        self.zero_point.zero_()
+        self._observed.clear()
+        self.observing = False
+        self.initialized = True
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, grid=log2"
+
+    def fake_quantize(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return log2_fake_quantize(x, scale, self.bits)

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptqflow.errors import ModelError
-from ptqflow.ops import WEIGHT_MODULES
+from ptqflow.ops import WEIGHT_MODULES, is_softmax
 from ptqflow.quant.adaround import AdaRound
-from ptqflow.quant.quantizer import ActQuantizer, WeightQuantizer
+from ptqflow.quant.quantizer import ActQuantizer, Log2ActQuantizer, WeightQuantizer
 from ptqflow.units import Unit
 
 __all__ = ["QuantLayer", "QuantUnit", "build_quant_unit"]
@@ -89,9 +89,11 @@ class QuantUnit(nn.Module):
         unit: the FP unit (BN folded); it is copied, not modified.
         weight_bits: bits of every weight layer (the model applies the 8-bit exceptions afterwards).
         act_bits: bits of every activation quantizer of the unit.
+        softmax: grid of the quantizers on softmax outputs: ``uniform`` or ``log2``
+            (:class:`~ptqflow.quant.quantizer.Log2ActQuantizer`).
     """
 
-    def __init__(self, unit: Unit, weight_bits: int, act_bits: int) -> None:
+    def __init__(self, unit: Unit, weight_bits: int, act_bits: int, softmax: str = "uniform") -> None:
         super().__init__()
         self.kind = unit.kind
         self.float_leaves = tuple(unit.float_leaves)
@@ -104,12 +106,14 @@ class QuantUnit(nn.Module):
                     body.set_submodule(str(node.target), QuantLayer(module, weight_bits))
         prefix = re.sub(r"[^0-9a-zA-Z_]", "_", unit.prefix) + "_" if unit.prefix else ""  # as fx names nodes
         nodes = {n.name: n for n in graph.nodes}
+        modules = dict(body.named_modules())
         for node_name in unit.quantized:
             node = nodes[node_name]
             name = "act_" + node_name.removeprefix(prefix)
             if hasattr(body, name):
                 raise ModelError(f"unit {unit.name}: submodule {name} clashes with an activation quantizer name")
-            body.add_submodule(name, ActQuantizer(act_bits))
+            log2 = softmax == "log2" and is_softmax(node, modules)
+            body.add_submodule(name, Log2ActQuantizer(act_bits) if log2 else ActQuantizer(act_bits))
             with graph.inserting_after(node):
                 quantized = graph.call_module(name, (node,))
             node.replace_all_uses_with(quantized, delete_user_cb=lambda user, q=quantized: user is not q)
@@ -145,6 +149,6 @@ class QuantUnit(nn.Module):
             quantizer.enabled = act
 
 
-def build_quant_unit(unit: Unit, weight_bits: int, act_bits: int) -> QuantUnit:
-    """Quantize one FP unit (BN already folded)."""
-    return QuantUnit(unit, weight_bits, act_bits)
+def build_quant_unit(unit: Unit, weight_bits: int, act_bits: int, softmax: str = "uniform") -> QuantUnit:
+    """Quantize one FP unit (BN already folded); ``softmax``: see :class:`QuantUnit`."""
+    return QuantUnit(unit, weight_bits, act_bits, softmax)

@@ -180,23 +180,32 @@ def test_custom_autograd_function_is_refused() -> None:
 
 
 def test_hidden_weights_are_refused_unless_kept_float() -> None:
-    class Attn(nn.Module):
+    class Bilinear(nn.Module):
+        """A weight used by a functional op (as timm's ``Linear`` or ``nn.Bilinear`` do): out of placement's reach."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(3, 8, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.bilinear(x, x, self.weight)
+
+    class Model(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.proj = nn.Linear(8, 8)
-            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
-            self.fc = nn.Linear(8, 3)
+            self.mix = Bilinear()
+            self.fc = nn.Linear(3, 3)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            h = self.proj(x)
-            h = self.attn(h, h, h, need_weights=False)[0]
-            return self.fc(h.mean(1))
+            return self.fc(self.mix(self.proj(x)).relu())
 
-    with pytest.raises(ModelError, match=r"module attn \(MultiheadAttention\) holds weights .*base\.float_leaves"):
-        build_quant_model(Attn().eval(), QuantConfig(), init_weights=False)
-    quant = build_quant_model(Attn().eval(), QuantConfig(float_leaves=("attn",)), init_weights=False)
-    assert quant.float_leaves == ["attn"] and quant.unquantized_inputs() == []
-    assert [n for n, _ in quant.act_quantizers()] == ["stem.act_getitem"]  # the float leaf's output, read by fc
+    with pytest.raises(ModelError, match=r"function bilinear in mix holds weights .*base\.float_leaves"):
+        build_quant_model(Model().eval(), QuantConfig(), init_weights=False)
+    quant = build_quant_model(Model().eval(), QuantConfig(float_leaves=("mix",)), init_weights=False)
+    assert quant.float_leaves == ["mix"] and quant.unquantized_inputs() == []
+    # only the fc's input: the float leaf's own input is read by no quantized layer (reported as float instead)
+    assert [n.split(".")[-1] for n, _ in quant.act_quantizers()] == ["act_relu"]
 
 
 def test_weight_module_called_twice_is_refused() -> None:
