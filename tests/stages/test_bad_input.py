@@ -400,7 +400,8 @@ CASES = [
          {"reconstruct": {"targets": ["../w2a4"]}}),
     # models and weights
     Case("model-unknown", "features",
-         "unknown model 'resnet99'; allowed: ['mobilenetv2_s', 'mobilenetv3_s', 'resnet20', 'vit_s'], 'torchvision.<name>'",
+         "unknown model 'resnet99'; allowed: ['mobilenetv2_s', 'mobilenetv3_s', 'resnet20', 'vit_s'], "
+         "'torchvision.<name>'",
          {"base": {"model": "resnet99"}}),
     Case("model-torchvision-unknown", "predict", "unknown model 'torchvision.resnet7'",
          {"base": {"model": "torchvision.resnet7"}}),
