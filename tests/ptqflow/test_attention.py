@@ -19,6 +19,8 @@ from ptqflow.quant.model import QuantConfig, build_quant_model, calibrate_activa
 from ptqflow.quant.quantizer import ActQuantizer, Log2ActQuantizer
 from ptqflow.units import UnitModel, extract_units
 
+CPU = torch.device("cpu")
+
 
 def tiny_vit(layers: int = 2) -> nn.Module:
     torch.manual_seed(0)
@@ -203,3 +205,31 @@ def test_swin_units_placement_and_export(v2: bool, tmp_path: Path) -> None:
     report = check_model(model, x, tmp_path)
     assert report.fp_max_abs_diff <= 1e-5 and report.probe_violations == [] and report.recon_finite
     assert report.onnx_error is None and report.onnx_agreement >= 99.5
+
+
+@pytest.mark.parametrize("method", ["brecq", "qdrop"])
+def test_fisher_loss_and_joint_encoder_layers_reconstruct_a_vit(method: str, tmp_path: Path) -> None:
+    """BRECQ's Fisher-weighted loss and an MRECG group of two encoder layers on the generic transformer units."""
+    from ptqflow.features import FeatureStore, FeatureStoreWriter, extract_features
+    from ptqflow.recon.reconstruct import ReconConfig, reconstruct
+
+    model, x = tiny_vit(), torch.randn(16, 3, 28, 28)
+    units = extract_units(fold_bn(model))
+    with torch.no_grad():
+        shapes, h = [], x[:1]
+        for unit in units:
+            h = unit.module(h)
+            shapes.append(tuple(h.shape[1:]))
+    writer = FeatureStoreWriter(
+        tmp_path / "s.zarr", [u.name for u in units], (3, 28, 28), shapes, 16, chunk_size=16, shard_size=16
+    )
+    extract_features([u.module for u in units], iter([(x, torch.zeros(16, dtype=torch.long))]), writer, CPU)
+    store = FeatureStore.open(tmp_path / "s.zarr")
+    quant = build_quant_model(model, QuantConfig(2, 4, convention="qdrop", calib_size=16))
+    calibrate_activations(quant, lambda i: store.iter_inputs(i, 16), 2.4, CPU)
+    config = ReconConfig(method=method, loss="fisher", iters=20, act_iters=5, batch_size=8)
+    stats = reconstruct(quant, store, [[0], [1, 2], [3]], config, CPU)
+    assert len(stats) == 3 * (2 if method == "brecq" else 1)  # BRECQ: a weight and an activation phase per group
+    before, after = torch.tensor([s["loss_before"] for s in stats]), torch.tensor([s["loss_after"] for s in stats])
+    assert torch.isfinite(before).all() and torch.isfinite(after).all()
+    assert after.sum() < before.sum()  # reconstruction lowers the Fisher-weighted output error
