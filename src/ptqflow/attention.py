@@ -8,20 +8,20 @@ its weights would stay float. :class:`DecomposedAttention` computes the same fun
     Q = X_q W_q + b_q,  K = X_k W_k + b_k,  V = X_v W_v + b_v     (three ``nn.Linear``)
     A = softmax(Q_h K_hᵀ / sqrt(d_h)) per head h,  O = concat_h(A V_h) W_o + b_o
 
+so the rules of :mod:`ptqflow.ops` place quantizers on the projections' weights, on both operands of each
+matmul (Q and K after their projections, the softmax output and V) and on the merged heads before the
+output projection -- the placement of the ViT PTQ literature (e.g. RepQ-ViT, Li et al., ICCV 2023) --
+while LayerNorm and softmax themselves are computed in float.
+
 Swin's shifted-window attention (Liu et al., "Swin Transformer", ICCV 2021, section 3.2; V2: Liu et al.,
-CVPR 2022, eq. 2, cosine attention) is decomposed the same way by :class:`DecomposedWindowAttention`; its
-shape logic (padding to whole windows, the cyclic shift, the shift mask) runs in three fx leaf functions
-that hold no weights: :func:`window_partition` and :func:`window_merge` only move values (pass-through for
+CVPR 2022, scaled cosine attention) is decomposed the same way by :class:`DecomposedWindowAttention`; its
+shape logic (padding to whole windows, the cyclic shift, the shift mask) runs in fx leaf functions that
+hold no weights: :func:`window_partition` and :func:`window_merge` only move values (pass-through for
 placement), :func:`add_shift_mask` adds the constant mask to the logits. The relative position bias is an
 additive constant table (V1: gathered from a learned table; V2: a small MLP of fixed coordinates, which a
 runtime folds to a constant) and stays float, like the position embedding of a ViT.
 
-so the rules of :mod:`ptqflow.ops` place quantizers on the projections' weights, on both operands of each
-matmul (Q and K after their projections, the softmax output and V) and on the merged heads before the
-output projection -- the placement of the ViT PTQ literature (e.g. RepQ-ViT, Li et al., ICCV 2023,
-figure 2) -- while LayerNorm and softmax themselves are computed in float.
-
-:func:`decompose_attention` swaps every ``nn.MultiheadAttention`` of a model (except float leaves) for its
+:func:`decompose_attention` swaps every such module of a model (except float leaves) for its
 decomposition; the FP output matches the fused module to float rounding (tested at 1e-5). Masks, a
 causal flag, ``add_bias_kv`` and ``add_zero_attn`` are not decomposed: such a module is refused with a
 one-line error naming it (keep it a float leaf).

@@ -193,9 +193,10 @@ def log2_fake_quantize(x: torch.Tensor, scale: torch.Tensor, bits: int) -> torch
     """``Q(x) = s * 2^-c`` with ``c = clamp(round(-log2(x / s)), 0, 2^b - 1)``, and 0 where ``c = 2^b - 1``.
 
     The power-of-two grid of the ViT PTQ literature for post-softmax values (FQ-ViT, Lin et al., IJCAI 2022,
-    eq. 13; RepQ-ViT, Li et al., ICCV 2023, eq. 8 with base 2): ``2^b - 1`` levels ``s, s/2, ..., s/2^(2^b-2)``
-    plus zero (values below the smallest level underflow to zero, as a probability that small contributes
-    nothing), so a b-bit code holds it. Inputs are non-negative (softmax outputs). Straight-through round.
+    its log2 quantizer; RepQ-ViT, Li et al., ICCV 2023, uses base sqrt(2)): ``2^b - 1`` levels
+    ``s, s/2, ..., s/2^(2^b-2)`` plus zero (values below the smallest level underflow to zero, as a
+    probability that small contributes nothing), so a b-bit code holds it. Inputs are non-negative (softmax
+    outputs). Straight-through round.
     """
     top = 2**bits - 1
     code = -torch.log2((x / scale).clamp_min(2.0 ** -(top + 1)))
