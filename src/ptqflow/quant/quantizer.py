@@ -154,20 +154,25 @@ class ActQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return f"bits={self.bits}"
 
-    @torch.no_grad()
-    def init_range(self, p: float = 2.4) -> None:
-        """Set scale and zero point from the observed activations; stop observing."""
+    def _take_observed(self) -> torch.Tensor:
+        """The observed activations, flattened (a deterministic strided subsample beyond the search bound);
+        stops observing."""
         if not self._observed:
-            raise RuntimeError("ActQuantizer.init_range: no activations observed; run calibration batches first")
+            raise RuntimeError(f"{type(self).__name__}.init_range: no activations observed; run calibration first")
         flat = torch.cat([t.reshape(-1) for t in self._observed])
         if flat.numel() > MAX_SEARCH_ELEMENTS:
-            flat = flat[:: flat.numel() // MAX_SEARCH_ELEMENTS + 1]  # deterministic strided subsample
-        scale, zero = lp_range_search(flat[None, :], self.bits, p)
-        self.scale.copy_(scale[0])
-        self.zero_point.copy_(zero[0])
+            flat = flat[:: flat.numel() // MAX_SEARCH_ELEMENTS + 1]
         self._observed.clear()
         self.observing = False
         self.initialized = True
+        return flat
+
+    @torch.no_grad()
+    def init_range(self, p: float = 2.4) -> None:
+        """Set scale and zero point from the observed activations; stop observing."""
+        scale, zero = lp_range_search(self._take_observed()[None, :], self.bits, p)
+        self.scale.copy_(scale[0])
+        self.zero_point.copy_(zero[0])
 
     def fake_quantize(self, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """The quantize-dequantize of ``x`` at step ``scale`` (uniform grid)."""
@@ -215,11 +220,7 @@ class Log2ActQuantizer(ActQuantizer):
 
     @torch.no_grad()
     def init_range(self, p: float = 2.4) -> None:
-        if not self._observed:
-            raise RuntimeError("Log2ActQuantizer.init_range: no activations observed; run calibration batches first")
-        flat = torch.cat([t.reshape(-1) for t in self._observed])
-        if flat.numel() > MAX_SEARCH_ELEMENTS:
-            flat = flat[:: flat.numel() // MAX_SEARCH_ELEMENTS + 1]
+        flat = self._take_observed()
         top = float(flat.max().clamp_min(_EPS))
         best_score, best_scale = float("inf"), top
         for i in range(32):
@@ -229,9 +230,6 @@ class Log2ActQuantizer(ActQuantizer):
                 best_score, best_scale = score, scale
         self.scale.fill_(best_scale)
         self.zero_point.zero_()
-        self._observed.clear()
-        self.observing = False
-        self.initialized = True
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, grid=log2"
