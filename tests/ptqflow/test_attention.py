@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import calibrate_on, feature_store
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
@@ -122,14 +123,8 @@ def test_vit_passes_the_coverage_check(tmp_path: Path) -> None:
 def test_log2_softmax_passes_the_probe_and_refuses_export(tmp_path: Path) -> None:
     report = check_model(tiny_vit(), torch.randn(8, 3, 28, 28), tmp_path, softmax="log2", export=False)
     assert report.unquantized == [] and report.probe_violations == [] and report.recon_finite
-    model = build_quant_model(tiny_vit(), QuantConfig(4, 4, softmax="log2"))
     x = torch.randn(4, 3, 28, 28)
-    units = extract_units(fold_bn(tiny_vit()))
-    inputs = [x]
-    with torch.no_grad():
-        for u in units[:-1]:
-            inputs.append(u.module(inputs[-1]))
-    calibrate_activations(model, lambda i: iter([inputs[i]]), 2.4, torch.device("cpu"))
+    model = calibrate_on(build_quant_model(tiny_vit(), QuantConfig(4, 4, softmax="log2")), x)
     with pytest.raises(ExportError, match="log2 softmax grid.*quantize.softmax: uniform"):
         export_onnx(model, x, ExportConfig())
 
@@ -210,21 +205,12 @@ def test_swin_units_placement_and_export(v2: bool, tmp_path: Path) -> None:
 @pytest.mark.parametrize("method", ["brecq", "qdrop"])
 def test_fisher_loss_and_joint_encoder_layers_reconstruct_a_vit(method: str, tmp_path: Path) -> None:
     """BRECQ's Fisher-weighted loss and an MRECG group of two encoder layers on the generic transformer units."""
-    from ptqflow.features import FeatureStore, FeatureStoreWriter, extract_features
     from ptqflow.recon.reconstruct import ReconConfig, reconstruct
 
     model, x = tiny_vit(), torch.randn(16, 3, 28, 28)
     units = extract_units(fold_bn(model))
-    with torch.no_grad():
-        shapes, h = [], x[:1]
-        for unit in units:
-            h = unit.module(h)
-            shapes.append(tuple(h.shape[1:]))
-    writer = FeatureStoreWriter(
-        tmp_path / "s.zarr", [u.name for u in units], (3, 28, 28), shapes, 16, chunk_size=16, shard_size=16
-    )
-    extract_features([u.module for u in units], iter([(x, torch.zeros(16, dtype=torch.long))]), writer, CPU)
-    store = FeatureStore.open(tmp_path / "s.zarr")
+    labels = torch.zeros(16, dtype=torch.long)
+    store = feature_store(units, x, labels, tmp_path / "s.zarr", chunk_size=16, shard_size=16)
     quant = build_quant_model(model, QuantConfig(2, 4, convention="qdrop", calib_size=16))
     calibrate_activations(quant, lambda i: store.iter_inputs(i, 16), 2.4, CPU)
     config = ReconConfig(method=method, loss="fisher", iters=20, act_iters=5, batch_size=8)

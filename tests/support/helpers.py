@@ -12,7 +12,9 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 from ptqflow.data import FASHION_MNIST_FILES
+from ptqflow.features import FeatureStore, FeatureStoreWriter, extract_features
 from ptqflow.quant.model import QuantModel, calibrate_activations
+from ptqflow.units import Unit
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -127,3 +129,19 @@ def calibrate_on(model: QuantModel, x: torch.Tensor) -> QuantModel:
             inputs.append(unit(inputs[-1]))
     calibrate_activations(model, lambda i: iter([inputs[i]]), 2.4, torch.device("cpu"))
     return model
+
+
+def feature_store(
+    units: list[Unit], x: torch.Tensor, labels: torch.Tensor, path: Path, chunk_size: int, shard_size: int
+) -> FeatureStore:
+    """A feature store of the FP ``units`` over the one batch ``x`` (CPU), opened for reading."""
+    with torch.no_grad():
+        shapes, h = [], x[:1]
+        for unit in units:
+            h = unit.module(h)
+            shapes.append(tuple(h.shape[1:]))
+    writer = FeatureStoreWriter(
+        path, [u.name for u in units], tuple(x.shape[1:]), shapes, len(x), chunk_size=chunk_size, shard_size=shard_size
+    )
+    extract_features([u.module for u in units], iter([(x, labels)]), writer, torch.device("cpu"))
+    return FeatureStore.open(path)

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import randomize_bn
+from helpers import feature_store, randomize_bn
 
-from ptqflow.features import FeatureStore, FeatureStoreWriter, extract_features
 from ptqflow.fold import fold_bn
 from ptqflow.models import build_model
 from ptqflow.quant.model import QuantConfig, build_quant_model, calibrate_activations
@@ -31,16 +30,7 @@ def test_reconstruction_smoke(name: str, method: str, tmp_path: Path) -> None:
     fp = randomize_bn(build_model(f"torchvision.{name}"))
     units = extract_units(fold_bn(fp))
     x = torch.randn(n, 3, 64, 64)
-    with torch.no_grad():
-        shapes, h = [], x[:1]
-        for unit in units:
-            h = unit.module(h)
-            shapes.append(tuple(h.shape[1:]))
-    writer = FeatureStoreWriter(
-        tmp_path / "s.zarr", [u.name for u in units], (3, 64, 64), shapes, n, chunk_size=4, shard_size=8
-    )
-    extract_features([u.module for u in units], iter([(x, torch.arange(n) % 1000)]), writer, CPU)
-    store = FeatureStore.open(tmp_path / "s.zarr")
+    store = feature_store(units, x, torch.arange(n) % 1000, tmp_path / "s.zarr", chunk_size=4, shard_size=8)
     convention = "qdrop" if method == "qdrop" else "brecq"
     model = build_quant_model(
         fp, QuantConfig(weight_bits=2, act_bits=4, convention=convention, calib_size=n), init_weights=False
