@@ -1,11 +1,14 @@
-"""Seconds per reconstruction iteration, per unit, and peak RSS, for the embedded models.
+"""Seconds per reconstruction iteration, per unit, against the unit's roofline, and peak RSS.
 
 Builds a feature store from the first ``--samples`` calibration images (run ``dvc repro prepare``
 first), then runs QDrop reconstruction with ``--iters`` iterations per unit and times iterations 2..N
 of every unit through the progress callback (so per-unit set-up -- reading the store, the before/after
-evaluation -- is reported separately).
+evaluation -- is reported separately). The roofline of a unit is its FP forward + backward (weight
+gradients, MSE to the FP target) on a batch of the same size, without quantizers or AdaRound, with the
+same kernels: the cost of the convolutions themselves. ``ratio`` = ms/iteration / roofline.
 
     python bench/reconstruct_speed.py [--models resnet20 mobilenetv2_s] [--iters 30] [--samples 1024]
+        [--kernels portable|native] [--threads N] [--malloc keep|default]
 """
 
 from __future__ import annotations
@@ -22,11 +25,29 @@ import torch
 from common import DEVICE as CPU
 from common import build_store, pretrained, rtn_model
 
+from ptqflow.fold import fold_bn
+from ptqflow.kernels import keep_freed_memory, portable_layers, use_kernels
 from ptqflow.quant.model import QuantConfig
 from ptqflow.recon.reconstruct import ReconConfig, reconstruct
+from ptqflow.units import extract_units
 
 
-def bench(name: str, iters: int, samples: int, work: Path) -> list[tuple[str, float, float]]:
+def roofline_ms(unit: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, reps: int = 12) -> float:
+    """Median ms of the FP unit's forward + backward (weight gradients) on ``x`` against ``y``."""
+    unit = unit.to(CPU).train(False)
+    for p in unit.parameters():
+        p.requires_grad_(True)
+    times = []
+    with portable_layers(unit):
+        for _ in range(reps):
+            began = time.perf_counter()
+            unit.zero_grad(set_to_none=True)
+            (unit(x) - y).pow(2).mean().backward()
+            times.append(time.perf_counter() - began)
+    return 1000 * statistics.median(times[2:])
+
+
+def bench(name: str, iters: int, samples: int, work: Path) -> list[tuple[str, float, float, float]]:
     fp = pretrained(name)
     store = build_store(fp, samples, work / f"{name}.zarr")
     units = store.units
@@ -40,10 +61,14 @@ def bench(name: str, iters: int, samples: int, work: Path) -> list[tuple[str, fl
     stats = reconstruct(
         model, store, [[i] for i in range(len(units))], ReconConfig(iters=iters), CPU, progress=progress
     )
+    fp_units = extract_units(fold_bn(fp))
     rows = []
-    for (label, times), row in zip(stamps.items(), stats, strict=True):
+    for index, ((label, times), row) in enumerate(zip(stamps.items(), stats, strict=True)):
         per_iter = (times[-1] - times[0]) / max(1, len(times) - 1)
-        rows.append((label.split(" ", 1)[1], per_iter, row["seconds"] - per_iter * len(times)))
+        data = store.unit(units[index])
+        x, y = data.inputs(slice(0, 32)).to(CPU), data.outputs(slice(0, 32)).to(CPU)
+        roof = roofline_ms(fp_units[index].module, x, y)
+        rows.append((label.split(" ", 1)[1], per_iter, roof, row["seconds"] - per_iter * len(times)))
     return rows
 
 
@@ -52,15 +77,31 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2_s"])
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--samples", type=int, default=1024)
+    parser.add_argument("--kernels", choices=["portable", "native"], default="portable")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--malloc", choices=["keep", "default"], default="keep", help="keep: as the stages run (keep_freed_memory)"
+    )
     args = parser.parse_args()
-    print(f"device: {CPU}, torch threads: {torch.get_num_threads()}, QDrop W2A4, batch 32, {args.iters} iters/unit")
+    use_kernels(args.kernels)
+    if args.malloc == "keep":
+        keep_freed_memory()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    print(
+        f"device: {CPU}, torch threads: {torch.get_num_threads()}, kernels {args.kernels}, QDrop W2A4, batch 32, "
+        f"{args.iters} iters/unit"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             rows = bench(name, args.iters, args.samples, Path(tmp))
-            print(f"\n{name}\n{'unit':<14} {'ms/iter':>8} {'setup s':>8}")
-            for unit, per_iter, setup in rows:
-                print(f"{unit:<14} {1000 * per_iter:>8.1f} {setup:>8.2f}")
-            print(f"{'median':<14} {1000 * statistics.median(r[1] for r in rows):>8.1f}")
+            print(f"\n{name}\n{'unit':<14} {'ms/iter':>8} {'roofline':>8} {'ratio':>6} {'setup s':>8}")
+            for unit, per_iter, roof, setup in rows:
+                print(f"{unit:<14} {1000 * per_iter:>8.1f} {roof:>8.1f} {1000 * per_iter / roof:>6.2f} {setup:>8.2f}")
+            med_iter = 1000 * statistics.median(r[1] for r in rows)
+            med_roof = statistics.median(r[2] for r in rows)
+            ratio = statistics.median(1000 * r[1] / r[2] for r in rows)
+            print(f"{'median':<14} {med_iter:>8.1f} {med_roof:>8.1f} {ratio:>6.2f}")
     print(f"\npeak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

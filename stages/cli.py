@@ -17,7 +17,7 @@ import click
 
 from ptqflow.atomic import atomic_write_json
 from ptqflow.errors import PtqflowError
-from stages.common import configure_logging
+from stages.common import apply_runtime, configure_logging
 from stages.params import load_params
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -36,7 +36,11 @@ class _Context:
         self.params_path = params_path
 
     def params(self) -> dict[str, Any]:
-        return load_params(self.params_path)
+        """The params file, after applying its ``base.kernels`` and ``base.threads`` to this process (every
+        stage reads its params before its first CPU computation, when the kernel switches still apply)."""
+        params = load_params(self.params_path)
+        apply_runtime(params)
+        return params
 
 
 class BadInput(click.ClickException):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -16,12 +16,12 @@ from tqdm import tqdm
 from ptqflow.data import LabelledImages, normalize
 from ptqflow.errors import ConfigError, DataError
 from ptqflow.imagefolder import normalize_channels
+from ptqflow.kernels import keep_freed_memory, set_threads, use_kernels
 from ptqflow.models import build_model, load_weights
-
-if TYPE_CHECKING:
-    from stages.params import BaseConfig
+from stages.params import BaseConfig, section
 
 __all__ = [
+    "apply_runtime",
     "configure_logging",
     "load_calibration",
     "load_fp_model",
@@ -30,11 +30,35 @@ __all__ = [
     "resolve_device",
     "seed_everything",
     "track",
+    "unit_progress",
 ]
 
 T = TypeVar("T")
 
 log = logging.getLogger("ptqflow")
+
+
+def apply_runtime(params: Mapping[str, Any]) -> BaseConfig:
+    """Apply ``base.kernels`` and ``base.threads`` of loaded params to this process; return the base section."""
+    base = section(params, "base", BaseConfig)
+    use_kernels(base.kernels)
+    keep_freed_memory()
+    threads = set_threads(base.threads)
+    log.debug("kernels %s, %d intra-op threads (base.threads: %s)", base.kernels, threads, base.threads)
+    return base
+
+
+def unit_progress(threads: int | str) -> Callable[[int, str], Callable[[int, float], None]]:
+    """:func:`progress_bar` that first rechooses the thread count when ``threads`` is ``auto``: called
+    before every reconstruction unit, so a long stage follows the load other processes put on the cores."""
+
+    def start(total: int, label: str) -> Callable[[int, float], None]:
+        if threads == "auto":
+            chosen = set_threads("auto")
+            log.debug("%s: %d intra-op threads", label, chosen)
+        return progress_bar(total, label)
+
+    return start
 
 
 def load_fp_model(base: BaseConfig) -> nn.Module:

@@ -36,6 +36,13 @@ class BaseConfig:
         float_leaves: module paths (``encoder.layers.0.self_attention``) kept as opaque float ops, for
             ops the placement rules cannot quantize (the error naming such an op says so). Every model's
             entry in ``metrics/evaluate.json`` then lists them: it is not quantized as its name says.
+        kernels: ``portable`` pins the CPU libraries to code paths that give the same bytes on every x86-64
+            machine with AVX2 and for every thread count (:mod:`ptqflow.kernels`); ``native`` lets them
+            use the machine's widest path (faster on AVX-512 CPUs; bytes depend on the CPU and threads).
+            A declared param of every computing stage: switching it reruns them.
+        threads: intra-op CPU threads, ``auto`` (the usable cores other processes leave free, rechosen
+            before every reconstruction unit) or a number. Not a declared param: in portable mode the
+            outputs are the same bytes for every thread count, so changing it reruns nothing.
     """
 
     model: str = "resnet20"
@@ -43,6 +50,12 @@ class BaseConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     float_leaves: tuple[str, ...] = ()
+    kernels: Literal["portable", "native"] = "portable"
+    threads: int | str = "auto"  # "auto" or a count; checked in __post_init__ for one clear message
+
+    def __post_init__(self) -> None:
+        if self.threads != "auto" and not (isinstance(self.threads, int) and self.threads >= 1):
+            raise ConfigError(f"threads must be 'auto' or an integer >= 1; got {self.threads!r}")
 
 
 #: Every top-level section a params file of this project may hold (each pipeline uses a subset).

@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +27,7 @@ from ptqflow.features import FeatureStore
 from ptqflow.models import build_model
 from ptqflow.quant.model import QuantModel, load_quant_file, quant_payload
 from ptqflow.recon.reconstruct import ReconConfig, Step, reconstruct
-from stages.common import progress_bar, resolve_device
+from stages.common import resolve_device, unit_progress
 from stages.params import BaseConfig, section
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,7 @@ def _reconstruct_one(
     resume_dir: Path,
     convention: str,
     layerwise: bool,
+    progress: Callable[[int, str], Callable[[int, float], None]],
 ) -> list[dict[str, Any]]:
     start = 0
     state_file = resume_dir / "state.pt"
@@ -170,7 +171,7 @@ def _reconstruct_one(
         skip=skip,
         layerwise=layerwise,
         on_step_done=checkpoint,
-        progress=progress_bar,
+        progress=progress,
     )
     return rows
 
@@ -231,6 +232,7 @@ def run(
                 resume_dir,
                 qconfig.convention,
                 config.granularity == "layer",
+                unit_progress(base.threads),
             )
             atomic_save_torch(quant_payload(model.cpu(), model_name, qconfig), tmp_out / f"{target}.pt")
             header = "step\tphase\tunit\tloss_before\tloss_after\n"

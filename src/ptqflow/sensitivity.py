@@ -47,6 +47,7 @@ from torch import nn
 
 from ptqflow.errors import ConfigError
 from ptqflow.features import FeatureStore
+from ptqflow.kernels import fixed_sum
 from ptqflow.quant.model import QuantModel
 from ptqflow.quant.quantizer import WeightQuantizer, check_bits
 from ptqflow.quant.units import QuantLayer
@@ -267,18 +268,19 @@ def _unit_loss(pred: torch.Tensor, target: torch.Tensor, grad: torch.Tensor | No
     err = (pred - target).pow(2)
     if grad is not None:
         err = err * grad.pow(2)
-    return err.sum()
+    return fixed_sum(err)
 
 
 def _output_kl(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Per-batch *sum* over samples of ``KL(softmax(reference) || softmax(logits))``, in float64 (the
     divergence of a high-bit assignment is a difference of nearly equal log-probabilities)."""
-    return torch.nn.functional.kl_div(
+    pointwise = torch.nn.functional.kl_div(
         torch.log_softmax(logits.flatten(1).double(), 1),
         torch.log_softmax(reference.flatten(1).double(), 1),
-        reduction="sum",
+        reduction="none",
         log_target=True,
     )
+    return fixed_sum(pointwise)
 
 
 @torch.no_grad()
@@ -403,7 +405,7 @@ def modcap_data_dependent(
         y_fp = store.unit(store.units[index]).outputs(slice(0, n)).to(device)
         outs = [unit(x_q[lo : lo + batch_size]) for lo in range(0, n, batch_size)]
         x_q = torch.cat(outs)
-        losses.append(float((x_q - y_fp).double().pow(2).sum()) / n)
+        losses.append(float(fixed_sum((x_q - y_fp).double().pow(2))) / n)
     return losses
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from ptqflow.data import LabelledImages, augment_crop_flip, batches, normalize
 from ptqflow.errors import ConfigError
 from ptqflow.evaluate import accuracy, predict_logits
+from ptqflow.kernels import portable_layers
 
 __all__ = ["TrainConfig", "train_classifier"]
 
@@ -110,33 +111,34 @@ def train_classifier(
     criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     history: list[dict[str, float]] = []
     step = 0
-    for epoch in range(config.epochs):
-        model.train()
-        start = time.perf_counter()
-        loss_sum, seen = 0.0, 0
-        for images, labels in batches(train, config.batch_size, generator):
-            x = normalize(images)
-            if config.augment:
-                x = augment_crop_flip(x, generator)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
-            x = x.to(device=device, memory_format=torch.channels_last)
-            loss = criterion(model(x), labels.to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.item() * labels.shape[0]
-            seen += labels.shape[0]
-            step += 1
-        logits = predict_logits(model, test, 1000, normalize, device)
-        row = {
-            "epoch": epoch + 1,
-            "loss": round(loss_sum / seen, 5),
-            "lr": round(lr_at(step - 1), 6),
-            **{f"test_{k}": v for k, v in accuracy(logits, test.labels).items()},
-            "seconds": round(time.perf_counter() - start, 1),
-        }
-        log.info("epoch %(epoch)d: loss %(loss).4f, test top-1 %(test_top1).2f%%, %(seconds).0fs", row)
-        history.append(row)
+    with portable_layers(model):  # weight gradients independent of the thread count (ptqflow.kernels)
+        for epoch in range(config.epochs):
+            model.train()
+            start = time.perf_counter()
+            loss_sum, seen = 0.0, 0
+            for images, labels in batches(train, config.batch_size, generator):
+                x = normalize(images)
+                if config.augment:
+                    x = augment_crop_flip(x, generator)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step)
+                x = x.to(device=device, memory_format=torch.channels_last)
+                loss = criterion(model(x), labels.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.item() * labels.shape[0]
+                seen += labels.shape[0]
+                step += 1
+            logits = predict_logits(model, test, 1000, normalize, device)
+            row = {
+                "epoch": epoch + 1,
+                "loss": round(loss_sum / seen, 5),
+                "lr": round(lr_at(step - 1), 6),
+                **{f"test_{k}": v for k, v in accuracy(logits, test.labels).items()},
+                "seconds": round(time.perf_counter() - start, 1),
+            }
+            log.info("epoch %(epoch)d: loss %(loss).4f, test top-1 %(test_top1).2f%%, %(seconds).0fs", row)
+            history.append(row)
     model.to(memory_format=torch.contiguous_format)  # saved state_dicts stay in the default layout
     return history

@@ -380,6 +380,11 @@ CASES = [
     # enumerations
     Case("device", "features", "base.device must be one of 'auto', 'cpu', 'cuda'; got 'tpu'",
          {"base": {"device": "tpu"}}),
+    Case("kernels", "quantize", "base.kernels must be one of 'portable', 'native'; got 'fast'",
+         {"base": {"kernels": "fast"}}),
+    Case("threads-0", "quantize", "base.threads must be 'auto' or an integer >= 1; got 0", {"base": {"threads": 0}}),
+    Case("threads-word", "quantize", "base.threads must be 'auto' or an integer >= 1; got 'many'",
+         {"base": {"threads": "many"}}),
     Case("dtype", "features", "features.dtype must be one of 'float32', 'float16'; got 'int8'",
          {"features": {"dtype": "int8"}}),
     Case("convention", "quantize", "quantize.convention must be one of 'brecq', 'qdrop'",

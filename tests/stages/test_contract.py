@@ -9,6 +9,10 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+#: Stages whose code imports torch but whose outputs use no torch float kernels (prepare: a seeded
+#: permutation and uint8 copies; search: Python arithmetic on the sensitivity tables), so their bytes cannot
+#: depend on the CPU kernels and they do not declare base.kernels.
+NO_TORCH_MATH = {"prepare", "search"}
 PIPELINES = [ROOT / "dvc.yaml", *sorted((ROOT / "pipelines").glob("*/dvc.yaml"))]
 
 
@@ -36,11 +40,21 @@ def test_stages_declare_their_code_and_params(pipeline: Path) -> None:
         deps = [str((pipeline.parent / d).resolve().relative_to(ROOT)) for d in stage["deps"] if "${" not in d]
         assert module in deps, f"{pipeline.name}:{name} must depend on {module}"
         assert stage["cmd"].startswith(f"ptqflow {name} "), f"{name}: cmd must run 'ptqflow {name}'"
-        declared = {p.split(".")[0] for p in stage["params"]}
+        declared = {p.split(".")[0] for p in stage["params"] if p != "base.kernels"}
         read = _sections_read(ROOT / module)
+        # the CLI applies base.kernels and base.threads for every stage before it runs (stages.common.apply_runtime)
+        code = [ROOT / d for d in deps if d.startswith(("src/", "stages/"))]
+        files = [f for c in code for f in ([c] if c.is_file() else sorted(c.rglob("*.py")))]
+        computes = any("import torch" in f.read_text() for f in files) and name not in NO_TORCH_MATH
+        assert ("base.kernels" in stage["params"]) == computes, (
+            f"{name}: base.kernels must be declared exactly by the stages that compute with torch"
+        )
+        assert "base.threads" not in stage["params"], f"{name}: base.threads must not change any output"
         for sec in read:
             assert sec in declared, f"{name} reads params section {sec!r} but does not declare it"
         for key in stage["params"]:
+            if key == "base.kernels":
+                continue
             assert key.split(".")[0] in read, f"{name} declares {key} but never reads that section"
 
 

@@ -31,10 +31,16 @@ GIT_ENV = {
 }
 
 
-def run(cmd: list[str], cwd: Path, check: bool = True) -> str:
-    """Run ``cmd`` with the venv's ``ptqflow``/``dvc`` first on PATH; return stdout + stderr."""
+#: What a machine without AVX-512 looks like to ATen, oneDNN and MKL (on one that has it).
+AVX2_MACHINE = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | None = None) -> str:
+    """Run ``cmd`` with the venv's ``ptqflow``/``dvc`` first on PATH (and ``env`` added); return stdout +
+    stderr."""
     env = {
         **os.environ,
+        **(env or {}),
         **GIT_ENV,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "DVC_NO_ANALYTICS": "1",
@@ -53,7 +59,7 @@ def ran_stages(log: str) -> list[str]:
 def tiny_params(data_root: Path) -> dict[str, Any]:
     """The root params.yaml shrunk to seconds: 32 calibration images, 2 bit pairs, 4 iterations, tiny search."""
     params: dict[str, Any] = yaml.safe_load((ROOT / "params.yaml").read_text())
-    params["base"].update(weights="weights/r20.pt", device="cpu")
+    params["base"].update(weights="weights/r20.pt", device="cpu", threads=2)
     params["prepare"].update(data_root=str(data_root), calib_size=32)
     params["features"].update(batch_size=16, chunk_size=8, shard_size=16)
     params["quantize"].update(calib_size=16, batch_size=16)
@@ -83,15 +89,17 @@ def copy_pipeline(repo: Path) -> None:
             shutil.copy(src, repo / item)
 
 
-def make_tiny_repo(repo: Path, data_root: Path, weights_seed: int = 0) -> Path:
+def make_tiny_repo(repo: Path, data_root: Path, weights_seed: int = 0, threads: int = 2) -> Path:
     """Copy the pipeline (code, dvc.yaml) into ``repo``, add random-init ResNet-20 weights (in git) and
-    tiny params, ``git init`` + ``dvc init`` and commit. Returns ``repo``."""
+    tiny params (``base.threads``: ``threads``), ``git init`` + ``dvc init`` and commit. Returns ``repo``."""
     copy_pipeline(repo)
     (repo / "weights").mkdir()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(weights_seed)
         torch.save(build_model("resnet20").state_dict(), repo / "weights" / "r20.pt")
-    write_params(repo, tiny_params(data_root))
+    params = tiny_params(data_root)
+    params["base"]["threads"] = threads
+    write_params(repo, params)
     (repo / ".gitignore").write_text("__pycache__/\n")
     run(["git", "init", "-q", "-b", "main"], repo)
     run(["dvc", "init", "-q"], repo)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ptqflow.kernels import fixed_sum
+
 __all__ = ["GAMMA", "ZETA", "AdaRound", "beta_schedule"]
 
 ZETA = 1.1
@@ -59,7 +61,7 @@ class AdaRound(nn.Module):
 
     def regularizer(self, beta: float) -> torch.Tensor:
         """``sum(1 - |2 h(V) - 1|^beta)`` over every weight (a sum, not a mean, as in BRECQ/QDrop)."""
-        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+        return fixed_sum(1 - (2 * self.h() - 1).abs().pow(beta))
 
 
 def beta_schedule(step: int, total: int, warmup: float = 0.2, start: float = 20.0, end: float = 2.0) -> float | None:

@@ -15,6 +15,8 @@ import math
 import torch
 from torch import nn
 
+from ptqflow.kernels import broadcast_scalar, fixed_sum
+
 __all__ = [
     "ActQuantizer",
     "Log2ActQuantizer",
@@ -44,12 +46,29 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return (x.round() - x).detach() + x
 
 
+class _Clamp(torch.autograd.Function):
+    """``clamp(v, 0, top)`` whose backward multiplies by the strictly-in-range mask: the gradient of ``torch.clamp``
+    (zero outside the range) without ``aten::where``, which on the CPU costs about 10x an elementwise
+    product (measured: 460 us vs 30 us on a 32x16x28x28 activation)."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, v: torch.Tensor, top: float) -> torch.Tensor:
+        inside = (v > 0) & (v < top)  # as torch.clamp: no gradient at the bounds themselves
+        ctx.save_for_backward(inside)
+        return v.clamp(0, top)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (inside,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        return grad * inside, None
+
+
 def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
     """``Q(x) = s * (clamp(round(x / s) + z, 0, 2^b - 1) - z)`` with a straight-through round."""
     if not torch.is_grad_enabled() or not (x.requires_grad or scale.requires_grad):
         # Inference: the same arithmetic in place, without the STE's extra passes over the tensor.
         return torch.div(x, scale).round_().add_(zero_point).clamp_(0, 2**bits - 1).sub_(zero_point).mul_(scale)
-    q = torch.clamp(round_ste(x / scale) + zero_point, 0, 2**bits - 1)
+    q = _Clamp.apply(round_ste(x / scale) + zero_point, float(2**bits - 1))
     return (q - zero_point) * scale
 
 
@@ -79,7 +98,7 @@ def lp_range_search(x: torch.Tensor, bits: int, p: float = 2.4, steps: int = 80)
         scale = ((hi - lo) / qmax).clamp_min(_EPS)
         zero = (-lo / scale).round().clamp(0, qmax)
         q = fake_quantize(x, scale[:, None], zero[:, None], bits)
-        score = (x - q).abs().pow(p).mean(dim=1)
+        score = fixed_sum((x - q).abs().pow(p), dim=1) / x.shape[1]
         better = score < best_score
         best_score = torch.where(better, score, best_score)
         best_scale = torch.where(better, scale, best_scale)
@@ -188,9 +207,12 @@ class ActQuantizer(nn.Module):
         if self.lsq_grad_scale and scale.requires_grad:
             g = 1.0 / math.sqrt(x.numel() * (2**self.bits - 1))
             scale = (scale - scale * g).detach() + scale * g  # forward: s; backward: g * ds
-        q = self.fake_quantize(x, scale.abs().clamp_min(_EPS))
+        q = self.fake_quantize(x, broadcast_scalar(scale.abs().clamp_min(_EPS), x))
         if self.keep_prob < 1.0:
-            return torch.where(torch.rand_like(x) < self.keep_prob, q, x)
+            # QDrop's element-wise mix where(u < p, q, x), as products with the 0/1 mask: the same values
+            # (one term is an exact zero), and ~10x faster than aten::where forward and backward on the CPU
+            keep = torch.rand_like(x) < self.keep_prob
+            return q * keep + x * keep.logical_not()
         return q
 
 
@@ -225,7 +247,8 @@ class Log2ActQuantizer(ActQuantizer):
         best_score, best_scale = float("inf"), top
         for i in range(32):
             scale = top * 2.0 ** (-i / 16)
-            score = float((flat - log2_fake_quantize(flat, torch.tensor(scale), self.bits)).abs().pow(p).mean())
+            err = (flat - log2_fake_quantize(flat, torch.tensor(scale), self.bits)).abs().pow(p)
+            score = float(fixed_sum(err)) / err.numel()
             if score < best_score:
                 best_score, best_scale = score, scale
         self.scale.fill_(best_scale)

@@ -22,10 +22,10 @@ from collections.abc import Iterator
 
 import torch
 import torch.fx
-import torch.nn.functional as F
 from torch import nn
 
 from ptqflow.errors import ModelError
+from ptqflow.kernels import conv, linear
 from ptqflow.ops import WEIGHT_MODULES, is_softmax
 from ptqflow.quant.adaround import AdaRound
 from ptqflow.quant.quantizer import ActQuantizer, Log2ActQuantizer, WeightQuantizer
@@ -78,8 +78,8 @@ class QuantLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantized_weight()
         if isinstance(self.layer, nn.Linear):
-            return F.linear(x, w, self.layer.bias)
-        return self.layer._conv_forward(x, w, self.layer.bias)
+            return linear(self.layer, x, w)
+        return conv(self.layer, x, w)
 
 
 class QuantUnit(nn.Module):

@@ -37,6 +37,7 @@ from torch import nn
 
 from ptqflow.errors import ConfigError
 from ptqflow.features import FeatureStore
+from ptqflow.kernels import fixed_sum
 from ptqflow.quant.adaround import beta_schedule
 from ptqflow.quant.model import QuantModel
 from ptqflow.quant.quantizer import ActQuantizer
@@ -133,7 +134,8 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, grad: torch.Te
         err = diff.pow(2) * (grad.abs() + 1).pow(2)  # BRECQ eq. 10, damped by 1 as in its code
     else:
         err = diff.pow(p)
-    return err.sum(dim=1).mean()
+    per_position = err.sum(dim=1)
+    return fixed_sum(per_position) / per_position.numel()
 
 
 class _Group(nn.Module):

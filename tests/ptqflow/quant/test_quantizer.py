@@ -71,3 +71,42 @@ def test_init_without_observation_names_the_missing_step() -> None:
 def test_bits_out_of_range(bits: object) -> None:
     with pytest.raises(ValueError, match="2..8"):
         check_bits(bits)  # type: ignore[arg-type]
+
+
+def _reference_fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """The autograd composition fake_quantize replaced (torch.clamp's own gradient)."""
+    q = torch.clamp((x / scale).round().detach() - (x / scale).detach() + x / scale + zero, 0, 2**bits - 1)
+    return (q - zero) * scale
+
+
+def test_masked_clamp_gradient_is_torch_clamps_bit_for_bit() -> None:
+    """The where-free backward gives the same values and the same x and step gradients as torch.clamp,
+    values on the grid's bounds included (torch passes no gradient at a bound)."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(4000) * 3, torch.tensor([0.0, 0.9, 4.5, -0.9, 3.0])])  # 3.0 / 0.3 + 3 = 13
+    grad = torch.randn_like(x)
+    results = []
+    for fn in (_reference_fake_quantize, fake_quantize):
+        xx, s = x.clone().requires_grad_(True), torch.tensor(0.3, requires_grad=True)
+        y = fn(xx, s, torch.tensor(3.0), 4)
+        y.backward(grad)
+        results.append((y.detach(), xx.grad, s.grad))
+    (y0, gx0, gs0), (y1, gx1, gs1) = results
+    assert torch.equal(y0, y1) and torch.equal(gx0, gx1) and torch.equal(gs0, gs1)
+
+
+def test_qdrop_mix_is_where_bit_for_bit() -> None:
+    """QDrop's drop as products with the 0/1 mask: the values and gradients torch.where gives."""
+    q = ActQuantizer(4)
+    q.observing = False
+    q.zero_point.fill_(2.0)
+    q.keep_prob = 0.5
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    torch.manual_seed(5)
+    out = q(x)
+    torch.manual_seed(5)
+    keep = torch.rand_like(x) < 0.5
+    ref = torch.where(keep, q.fake_quantize(x, q.scale.abs().clamp_min(1e-8)), x)
+    assert torch.equal(out, ref)
+    g_out, g_ref = torch.autograd.grad(out.sum(), x), torch.autograd.grad(ref.sum(), x)
+    assert torch.equal(g_out[0], g_ref[0])
