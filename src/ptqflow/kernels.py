@@ -15,8 +15,8 @@ Two things make a CPU run's bytes depend on the machine (measured op by op in ``
    (measured: every conv weight gradient of both embedded models differs between 1 and 2 threads; the
    forward and the input gradient do not), and MKL's GEMM does for a linear layer's weight gradient.
    :func:`conv` and :func:`linear` compute those products single-threaded in portable mode, so weight
-   gradients are the same for any thread count. ATen's reduction of many
-   elements to one value splits them over the threads too: :func:`fixed_sum` sums in a fixed order, and
+   gradients are the same for any thread count. ATen's reduction of many elements to one value splits
+   them over the threads too: :func:`fixed_sum` sums in a fixed order, and
    :func:`broadcast_scalar` gives a learned scalar (LSQ's step size) that fixed-order gradient.
 
 ``native`` leaves every library at its defaults: fastest, but the bytes then depend on the CPU and on the
@@ -110,7 +110,7 @@ def use_kernels(mode: Kernels, strict: bool = False) -> bool:
             raise RuntimeError(message)
         log.debug("%s; this process keeps %s, so its bytes may differ from another machine's", message, capability)
         return False
-    return True
+    return capability == "AVX2"  # not on CPUs without AVX2, nor off x86
 
 
 def kernels_mode() -> Kernels:

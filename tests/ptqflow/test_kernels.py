@@ -21,6 +21,7 @@ from ptqflow.kernels import (
     conv,
     fixed_sum,
     free_cores,
+    linear,
     portable_layers,
     set_threads,
     usable_cores,
@@ -87,10 +88,31 @@ def test_portable_conv_matches_the_layer(kind: str, portable: None, threads: Non
         assert torch.allclose(bias_grad, grad.sum(dim=[d for d in range(grad.dim()) if d != 1]), atol=1e-4)
 
 
-def test_native_mode_and_no_grad_use_the_layer_itself(threads: None) -> None:
+@pytest.mark.parametrize("shape", [(16, 64), (4, 17, 96)])  # a classifier batch; ViT tokens
+def test_portable_linear_gradients_do_not_depend_on_threads(
+    shape: tuple[int, ...], portable: None, threads: None
+) -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(shape[-1], 10)
+    x = torch.randn(shape, requires_grad=True)
+    grad = torch.randn(*shape[:-1], 10)
+    results = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        out = linear(layer, x, layer.weight)
+        assert torch.equal(out, layer(x))
+        results.append(torch.autograd.grad(out, [x, layer.weight, layer.bias], grad))
+    for got, want in zip(results[1], results[0], strict=True):
+        assert torch.equal(got, want)
+    reference = torch.autograd.grad(layer(x), [x, layer.weight, layer.bias], grad)
+    for got, want in zip(results[0], reference, strict=True):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_native_mode_and_no_grad_use_the_layer_itself(threads: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "_mode", "native")
     layer = nn.Conv2d(2, 3, 3)
     x = torch.randn(1, 2, 6, 6)
-    assert kernels.kernels_mode() == "native"
     assert "PortableConv" not in type(conv(layer, x, layer.weight).grad_fn).__name__
     with torch.no_grad():
         assert conv(layer, x, layer.weight).grad_fn is None
@@ -128,7 +150,8 @@ def test_fixed_sum_is_the_sum_for_every_thread_count(shape: tuple[int, ...], por
     assert torch.allclose(results[0][2], x.reshape(shape[0], -1).sum(1), rtol=1e-5, atol=1e-3)
 
 
-def test_native_mode_sums_and_broadcasts_plainly() -> None:
+def test_native_mode_sums_and_broadcasts_plainly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "_mode", "native")
     x = torch.randn(50_000)
     s = torch.tensor(1.0, requires_grad=True)
     assert torch.equal(fixed_sum(x), x.sum()) and broadcast_scalar(s, x) is s
