@@ -118,6 +118,12 @@ def kernels_mode() -> Kernels:
     return _mode
 
 
+def _portable_grad(on: torch.Tensor, *needing: torch.Tensor) -> bool:
+    """Whether a portable-mode replacement applies: portable mode, ``on`` a CPU tensor, and a gradient
+    needed for one of ``needing`` (without a gradient every replacement computes what the plain op does)."""
+    return _mode == "portable" and on.device.type == "cpu" and any(t.requires_grad for t in needing)
+
+
 class _PortableConv(torch.autograd.Function):
     """``aten.convolution`` whose weight gradient is computed on one thread (the same bytes for any count).
 
@@ -201,7 +207,7 @@ def _one_thread() -> Iterator[None]:
 def linear(layer: nn.Linear, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``layer``'s linear map of ``x`` with ``weight`` (its bias): through :class:`_PortableLinear` in portable
     mode on the CPU when a gradient is needed, else ``F.linear``. Both give the same forward values."""
-    if _mode != "portable" or x.device.type != "cpu" or not (x.requires_grad or weight.requires_grad):
+    if not _portable_grad(x, x, weight):
         return F.linear(x, weight, layer.bias)
     return _PortableLinear.apply(x, weight, layer.bias)
 
@@ -228,7 +234,7 @@ def _explicit_padding(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor)
 def conv(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``layer``'s convolution of ``x`` with ``weight`` (its bias): in portable mode on the CPU, through
     :class:`_PortableConv`; otherwise ``layer._conv_forward``. Both give the same forward values."""
-    if _mode != "portable" or x.device.type != "cpu" or not (x.requires_grad or weight.requires_grad):
+    if not _portable_grad(x, x, weight):
         return layer._conv_forward(x, weight, layer.bias)
     x, padding = _explicit_padding(layer, x)
     return _PortableConv.apply(x, weight, layer.bias, list(layer.stride), padding, list(layer.dilation), layer.groups)
@@ -276,7 +282,7 @@ def broadcast_scalar(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A 0-d ``value`` used elementwise with ``like``: expanded to its shape in portable mode when it needs
     a gradient (its gradient is then a :func:`fixed_sum`, the same bytes for every thread count), else
     returned as is."""
-    if _mode != "portable" or not value.requires_grad or like.device.type != "cpu":
+    if not _portable_grad(like, value):
         return value
     return _FixedBroadcast.apply(value, like.shape)
 
