@@ -167,7 +167,8 @@ def quantize(ctx: _Context, features_path: Path, out: Path) -> None:
 @_path_option(
     "--timing",
     default=None,
-    help='Optional JSON for the stage\'s wall seconds ({"reconstruct": {"seconds": s}}); not deterministic.',
+    help="Optional JSON for the stage's wall seconds and peak memory (base.memory, peak_rss_mb, "
+    "peak_device_mb on CUDA); not deterministic.",
 )
 @_path_option(
     "--unit-seconds",
@@ -192,7 +193,13 @@ def reconstruct(
     began = time.perf_counter()
     names = stage.run(ctx.params(), features_path, rtn_dirs, out, plots, plan_path, unit_seconds)
     if timing is not None:
-        atomic_write_json(timing, {"reconstruct": {"seconds": round(time.perf_counter() - began, 2)}})
+        from ptqflow.recon.cache import peak_memory_mb
+        from stages.common import resolve_device
+        from stages.params import BaseConfig, section
+
+        base = section(ctx.params(), "base", BaseConfig)
+        figures = {"seconds": round(time.perf_counter() - began, 2), "memory": base.memory}
+        atomic_write_json(timing, {"reconstruct": {**figures, **peak_memory_mb(resolve_device(base.device))}})
     log.info("wrote %s", ", ".join(f"{out}/{n}.pt" for n in names))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from ptqflow.data import LabelledImages, normalize
 from ptqflow.errors import ConfigError, DataError
+from ptqflow.features import FeatureStore
 from ptqflow.imagefolder import normalize_channels
 from ptqflow.kernels import keep_freed_memory, set_threads, use_kernels
 from ptqflow.models import build_model, load_weights
@@ -27,6 +29,7 @@ __all__ = [
     "load_fp_model",
     "load_split",
     "progress_bar",
+    "require_grads",
     "resolve_device",
     "seed_everything",
     "track",
@@ -59,6 +62,16 @@ def unit_progress(threads: int | str) -> Callable[[int, str], Callable[[int, flo
         return progress_bar(total, label)
 
     return start
+
+
+def require_grads(store: FeatureStore, needed_by: str) -> None:
+    """Stop before any work when ``needed_by`` (e.g. ``reconstruct.loss: fisher``) reads gradients the
+    store was written without."""
+    if not store.has_grads:
+        raise ConfigError(
+            f"{needed_by} needs the FP output gradients, and the feature store {store.path} has none: "
+            "set features.grads: true (and rerun: dvc repro)"
+        )
 
 
 def load_fp_model(base: BaseConfig) -> nn.Module:
@@ -121,19 +134,33 @@ def _bar_disabled() -> bool | None:
     return None if log.isEnabledFor(logging.INFO) else True
 
 
+def _pace(done: int, total: int, began: float) -> str:
+    """``12.3 it/s, ETA 4m05s`` from the items done since ``began`` (``time.perf_counter``)."""
+    elapsed = time.perf_counter() - began
+    if done <= 0 or elapsed <= 0:
+        return "starting"
+    rate = done / elapsed
+    left = round((total - done) / rate)
+    eta = f"{left // 3600}h{left % 3600 // 60:02d}m" if left >= 3600 else f"{left // 60}m{left % 60:02d}s"
+    shown = f"{rate:.3g} it/s" if rate >= 1 else f"{1 / rate:.3g} s/it"
+    return f"{shown}, ETA {eta}" if done < total else f"{shown}, {elapsed:.1f}s"
+
+
 def progress_bar(total: int, label: str) -> Callable[[int, float], None]:
-    """A tqdm bar on a terminal; plain log lines every 10 % otherwise (CI, DVC queue logs).
+    """A tqdm bar on a terminal; plain log lines every 10 % otherwise (CI, DVC queue logs), each with the
+    rate and the time left (``label: 300/3000, loss 0.012, 9.8 it/s, ETA 4m35s``).
 
     Returns:
         ``update(iteration, loss)``; the bar closes at ``iteration == total``.
     """
     bar = tqdm(total=total, desc=label, disable=_bar_disabled(), leave=False, file=sys.stderr, dynamic_ncols=True)
     every = max(1, total // 10)
+    began = time.perf_counter()
 
     def update(iteration: int, loss: float) -> None:
         if bar.disable:
             if iteration % every == 0 or iteration == total:
-                log.info("%s: %d/%d, loss %.4g", label, iteration, total, loss)
+                log.info("%s: %d/%d, loss %.4g, %s", label, iteration, total, loss, _pace(iteration, total, began))
         else:
             bar.update(1)
             if iteration % 10 == 0:
@@ -147,19 +174,20 @@ def progress_bar(total: int, label: str) -> Callable[[int, float], None]:
 def track(items: Iterable[T], total: int, label: str) -> Iterator[T]:
     """Yield ``items``, showing progress: a tqdm bar on a terminal, plain log lines otherwise.
 
-    Off a terminal (CI, ``dvc queue logs``, a pipe) it logs ``label: i/total`` at INFO about every 10 %
-    and at the end, so long stages show they are alive; ``--quiet`` silences those lines.
+    Off a terminal (CI, ``dvc queue logs``, a pipe) it logs ``label: i/total, rate, ETA`` at INFO about
+    every 10 % and at the end, so long stages show they are alive; ``--quiet`` silences those lines.
     """
     bar = tqdm(total=total, desc=label, disable=_bar_disabled(), leave=False, file=sys.stderr, dynamic_ncols=True)
     every = max(1, total // 10)
     done = 0
+    began = time.perf_counter()
     try:
         for item in items:
             yield item
             done += 1
             if bar.disable:
                 if done % every == 0 or done == total:
-                    log.info("%s: %d/%d", label, done, total)
+                    log.info("%s: %d/%d, %s", label, done, total, _pace(done, total, began))
             else:
                 bar.update(1)
     finally:

@@ -43,6 +43,11 @@ class BaseConfig:
         threads: intra-op CPU threads, ``auto`` (the usable cores other processes leave free, rechosen
             before every reconstruction unit) or a number. Not a declared param: in portable mode the
             outputs are the same bytes for every thread count, so changing it reruns nothing.
+        memory: where ``reconstruct`` keeps a unit's cached calibration tensors while optimising it:
+            ``device`` (whole tensors on the compute device), ``cpu`` (host memory, pinned on CUDA, each
+            mini-batch copied over) or ``stream`` (spilled to scratch files next to the stage's output and
+            read back mini-batch by mini-batch with a bounded read-ahead; host memory then holds a few
+            mini-batches). Not a declared param: every mode gives the same bytes (:mod:`ptqflow.recon.cache`).
     """
 
     model: str = "resnet20"
@@ -52,6 +57,7 @@ class BaseConfig:
     float_leaves: tuple[str, ...] = ()
     kernels: Literal["portable", "native"] = "portable"
     threads: int | str = "auto"  # "auto" or a count; checked in __post_init__ for one clear message
+    memory: Literal["device", "cpu", "stream"] = "device"
 
     def __post_init__(self) -> None:
         if self.threads != "auto" and not (isinstance(self.threads, int) and self.threads >= 1):

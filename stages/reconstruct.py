@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import re
 import shutil
 from collections.abc import Callable, Sequence
@@ -27,7 +28,7 @@ from ptqflow.features import FeatureStore
 from ptqflow.models import build_model
 from ptqflow.quant.model import QuantModel, load_quant_file, quant_payload
 from ptqflow.recon.reconstruct import ReconConfig, Step, reconstruct
-from stages.common import resolve_device, unit_progress
+from stages.common import require_grads, resolve_device, unit_progress
 from stages.params import BaseConfig, section
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,8 @@ def _reconstruct_one(
     convention: str,
     layerwise: bool,
     progress: Callable[[int, str], Callable[[int, float], None]],
+    memory: str,
+    scratch: Path,
 ) -> list[dict[str, Any]]:
     start = 0
     state_file = resume_dir / "state.pt"
@@ -155,6 +158,8 @@ def _reconstruct_one(
                 "loss_before": round(row["loss_before"], 8),
                 "loss_after": round(row["loss_after"], 8),
                 "seconds": round(row["seconds"], 3),
+                "iter_ms": round(row["iter_ms"], 2),
+                **{k: row[k] for k in ("peak_rss_mb", "peak_device_mb") if k in row},
             }
         )
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -170,10 +175,26 @@ def _reconstruct_one(
         start=start,
         skip=skip,
         layerwise=layerwise,
+        memory=memory,
+        scratch=scratch if memory == "stream" else None,
         on_step_done=checkpoint,
         progress=progress,
     )
     return rows
+
+
+def _check_scratch_space(store: FeatureStore, scratch: Path, fisher: bool) -> None:
+    """``stream`` spills up to five tensors of the largest unit (old and new quantized-prefix input, FP
+    input, target, gradient) as float32: stop before any work when the disk cannot hold them."""
+    sizes = [math.prod(store.meta["input_shape"])] + [math.prod(s) for s in store.meta["output_shapes"].values()]
+    need = store.num_samples * 4 * max(sizes) * (5 if fisher else 4)
+    where = next(p for p in (scratch, *scratch.parents) if p.exists())
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise ConfigError(
+            f"base.memory: stream needs up to {need / 1e9:.1f} GB of scratch space in {scratch}, "
+            f"{free / 1e9:.1f} GB are free; free space or use base.memory: cpu"
+        )
 
 
 def run(
@@ -202,6 +223,8 @@ def run(
     config = section(params, "reconstruct", ReconstructConfig)
     device = resolve_device(base.device)
     store = FeatureStore.open(features)
+    if config.loss == "fisher":
+        require_grads(store, "reconstruct.loss: fisher")
     plan = read_plan(plan_path) if plan_path is not None else None
     sources = {p.stem: p for folder in rtn_dirs for p in sorted(Path(folder).glob("*.pt"))}
     for target in config.targets:
@@ -211,7 +234,14 @@ def run(
                 f"allowed: {sorted(sources)}"
             )
     resume_root = out.parent / f"{out.name}.resume"
+    scratch = out.parent / f"{out.name}.scratch"  # base.memory: stream's spill files, removed at the end
+    if base.memory == "stream":
+        _check_scratch_space(store, scratch, fisher=config.loss == "fisher")
     with contextlib.ExitStack() as stack:
+        if base.memory == "stream":
+            shutil.rmtree(scratch, ignore_errors=True)  # a killed run's leftovers
+            scratch.mkdir(parents=True)
+            stack.callback(shutil.rmtree, scratch, True)
         tmp_out = stack.enter_context(atomic_dir(out))
         tmp_plots = stack.enter_context(atomic_dir(plots))
         tmp_timing = stack.enter_context(atomic_dir(timing)) if timing is not None else None
@@ -233,6 +263,8 @@ def run(
                 qconfig.convention,
                 config.granularity == "layer",
                 unit_progress(base.threads),
+                base.memory,
+                scratch,
             )
             atomic_save_torch(quant_payload(model.cpu(), model_name, qconfig), tmp_out / f"{target}.pt")
             header = "step\tphase\tunit\tloss_before\tloss_after\n"
@@ -241,7 +273,8 @@ def run(
             )
             atomic_write_text(tmp_plots / f"{target}.tsv", header + lines)
             if tmp_timing is not None:  # a resumed run keeps the seconds of the steps it did not redo
-                seconds = "".join(f"{r['step']}\t{r['phase']}\t{r['unit']}\t{r.get('seconds', '')}\n" for r in rows)
-                atomic_write_text(tmp_timing / f"{target}.tsv", "step\tphase\tunit\tseconds\n" + seconds)
+                keys = ("step", "phase", "unit", "seconds", "iter_ms", "peak_rss_mb")
+                seconds = "".join("\t".join(str(r.get(k, "")) for k in keys) + "\n" for r in rows)
+                atomic_write_text(tmp_timing / f"{target}.tsv", "\t".join(keys) + "\n" + seconds)
     shutil.rmtree(resume_root, ignore_errors=True)
     return list(config.targets)

@@ -28,7 +28,7 @@ from ptqflow.sensitivity import (
     stage_boundaries,
     unit_sensitivities,
 )
-from stages.common import progress_bar, resolve_device
+from stages.common import progress_bar, require_grads, resolve_device
 from stages.params import BaseConfig, section
 
 FORMAT = {"format": "ptqflow-sensitivity", "version": 1}
@@ -40,6 +40,8 @@ def run(params: dict[str, Any], features: Path, rtn_dir: Path, out: Path, plots:
     config = section(params, "sensitivity", SensitivityConfig)
     device = resolve_device(base.device)
     store = FeatureStore.open(features)
+    if config.metric == "fisher":
+        require_grads(store, "sensitivity.metric: fisher")
     files = sorted(Path(rtn_dir).glob("*.pt"))
     if not files:
         raise ModelError(f"no round-to-nearest models (*.pt) in {rtn_dir}; rerun dvc repro quantize")

@@ -4,7 +4,8 @@ Layout (one zarr v3 group, sharded so a store is a few dozen files, not thousand
 
     input                 (N, *unit0_input)   the model input (normalised images)
     units/<name>/output   (N, *out_shape)     the FP unit output
-    units/<name>/grad     (N, *out_shape)     d loss / d output of the FP model (diagonal-Fisher weight)
+    units/<name>/grad     (N, *out_shape)     d loss / d output of the FP model (diagonal-Fisher weight);
+                                              only in a store written with ``grads=True``
 
 A unit's input is the previous unit's output, so it is not stored twice. Samples are along axis 0;
 a chunk (the read unit) holds ``chunk_size`` samples and a shard (the write unit, one file) holds
@@ -22,6 +23,7 @@ whether or not that codec build would have decoded the damaged bytes.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +35,7 @@ from zarr.codecs import BloscCodec
 
 from ptqflow.errors import StoreError
 
-__all__ = ["FORMAT", "FeatureStore", "FeatureStoreWriter", "UnitFeatures"]
+__all__ = ["FORMAT", "FeatureStore", "FeatureStoreWriter", "UnitFeatures", "extract_features", "store_bytes"]
 
 #: Version 2 added the per-array manifest (``arrays``: shape and dtype of every array); version 3 hashes
 #: each shard's file bytes instead of its decoded values (checked before decoding).
@@ -58,6 +60,8 @@ class FeatureStoreWriter:
         dtype: ``float32`` or ``float16``.
         chunk_size: samples per chunk (the read unit).
         shard_size: samples per shard (the write unit and file); a multiple of ``chunk_size``.
+        grads: also store every unit's output gradient (only the Fisher-weighted losses read them; without
+            them the store is half the size and :func:`extract_features` runs no backward pass).
     """
 
     def __init__(
@@ -70,12 +74,14 @@ class FeatureStoreWriter:
         dtype: str = "float32",
         chunk_size: int = 32,
         shard_size: int = 256,
+        grads: bool = True,
     ) -> None:
         if dtype not in _DTYPES:
             raise StoreError(f"feature dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
         if shard_size % chunk_size:
             raise StoreError(f"shard_size ({shard_size}) must be a multiple of chunk_size ({chunk_size})")
         self.num_samples = num_samples
+        self.grads = grads
         self.dtype = dtype
         self.shard_size = shard_size
         self.path = Path(path)
@@ -83,7 +89,8 @@ class FeatureStoreWriter:
         specs: dict[str, tuple[int, ...]] = {"input": tuple(input_shape)}
         for name, shape in zip(unit_names, output_shapes, strict=True):
             specs[f"units/{name}/output"] = tuple(shape)
-            specs[f"units/{name}/grad"] = tuple(shape)
+            if grads:
+                specs[f"units/{name}/grad"] = tuple(shape)
         self.arrays: dict[str, Any] = {}
         for key, shape in specs.items():
             self.arrays[key] = self.group.create_array(
@@ -96,7 +103,9 @@ class FeatureStoreWriter:
                 fill_value=0,
                 config={"write_empty_chunks": True},  # every shard has a file to hash, all-zero ones too
             )
-        self._buffers = {k: np.zeros((shard_size, *s), dtype=dtype) for k, s in specs.items()}
+        # one shard of every array (or the whole, smaller, calibration set): the writer's memory
+        rows = min(shard_size, num_samples)
+        self._buffers = {k: np.zeros((rows, *s), dtype=dtype) for k, s in specs.items()}
         self._filled = 0  # samples in the current shard buffer
         self._written = 0  # samples flushed to disk
         self._checksums: dict[str, list[str]] = {k: [] for k in specs}
@@ -106,15 +115,25 @@ class FeatureStoreWriter:
             "units": list(unit_names),
             "num_samples": num_samples,
             "dtype": dtype,
+            "grads": grads,
             "input_shape": list(input_shape),
             "output_shapes": {n: list(s) for n, s in zip(unit_names, output_shapes, strict=True)},
             "chunk_size": chunk_size,
             "shard_size": shard_size,
         }
 
-    def append(self, inputs: torch.Tensor, outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> None:
-        """Append one batch: the model input, then every unit's output and gradient, in unit order."""
-        tensors = [inputs, *[t for pair in zip(outputs, grads, strict=True) for t in pair]]
+    def append(
+        self, inputs: torch.Tensor, outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] | None = None
+    ) -> None:
+        """Append one batch: the model input, then every unit's output (and gradient), in unit order."""
+        if (grads is not None) != self.grads:
+            given = "got" if grads is not None else "needs"
+            raise StoreError(f"append {given} gradients; the store has grads={self.grads}")
+        if grads is not None:
+            per_unit = [list(pair) for pair in zip(outputs, grads, strict=True)]
+        else:
+            per_unit = [[o] for o in outputs]
+        tensors = [inputs, *[t for pair in per_unit for t in pair]]
         keys = list(self._buffers)
         if len(tensors) != len(keys):
             raise StoreError(f"append got {len(tensors)} tensors, the store has {len(keys)} arrays")
@@ -123,7 +142,7 @@ class FeatureStoreWriter:
             raise StoreError(f"more samples appended than the store's declared {self.num_samples}")
         start = 0
         while start < n:
-            take = min(n - start, self.shard_size - self._filled)
+            take = min(n - start, self.shard_size - self._filled)  # never past num_samples (checked above)
             for key, tensor in zip(keys, tensors, strict=True):
                 chunk = tensor[start : start + take].detach().to("cpu", torch.float32).numpy()
                 self._buffers[key][self._filled : self._filled + take] = chunk
@@ -149,6 +168,15 @@ class FeatureStoreWriter:
         if self._written != self.num_samples:
             raise StoreError(f"store closed after {self._written} of {self.num_samples} samples")
         self.group.attrs.update({**self._meta, "checksums": self._checksums})  # type: ignore[dict-item]
+
+
+def store_bytes(
+    input_shape: Sequence[int], output_shapes: Sequence[Sequence[int]], num_samples: int, dtype: str, grads: bool
+) -> int:
+    """Uncompressed bytes of a store (an upper bound of its size on disk: zstd only shrinks it):
+    ``samples x (input + outputs (x 2 with gradients)) values x itemsize``."""
+    values = math.prod(input_shape) + sum(math.prod(s) for s in output_shapes) * (2 if grads else 1)
+    return num_samples * values * np.dtype(dtype).itemsize
 
 
 def _shard_file(root: Path, array: Any, shard: int) -> Path:
@@ -186,7 +214,16 @@ class UnitFeatures:
         return self._read(f"units/{self.name}/output", index)
 
     def grads(self, index: Index) -> torch.Tensor:
-        """Gradient of the FP model's loss with respect to the unit output (float32)."""
+        """Gradient of the FP model's loss with respect to the unit output (float32).
+
+        Raises:
+            StoreError: the store was written without gradients.
+        """
+        if not self.store.has_grads:
+            raise StoreError(
+                f"feature store {self.store.path} holds no gradients (written with features.grads: false); "
+                "set features.grads: true and rerun the features stage"
+            )
         return self._read(f"units/{self.name}/grad", index)
 
 
@@ -209,6 +246,8 @@ class FeatureStore:
         self._checksums: dict[str, list[str]] = {k: list(v) for k, v in attrs["checksums"].items()}
         self._verified: dict[str, set[int]] = {k: set() for k in self._checksums}
         self._arrays: dict[str, Any] = {}
+        #: whether every unit's output gradient is stored (Fisher-weighted losses need them)
+        self.has_grads: bool = all(f"units/{u}/grad" in self._checksums for u in self.units)
 
     @classmethod
     def open(cls, path: Path) -> FeatureStore:
@@ -358,12 +397,21 @@ def extract_features(
     Args:
         units: the FP units in forward order (eval mode).
         batches: ``(inputs, labels)`` pairs, inputs already preprocessed.
-        writer: an open store writer; closed here once all batches are written.
+        writer: an open store writer; closed here once all batches are written. A writer without
+            gradients (``grads=False``) gets a forward pass only, under ``torch.no_grad``.
         device: where to run the model.
     """
     for x, labels in batches:
-        leaves: list[torch.Tensor] = []
         outputs: list[torch.Tensor] = []
+        if not writer.grads:
+            with torch.no_grad():
+                h = x.to(device)
+                for unit in units:
+                    h = unit(h)
+                    outputs.append(h)
+            writer.append(x, outputs)
+            continue
+        leaves: list[torch.Tensor] = []
         h = x.to(device)
         for unit in units:
             leaf = h.detach().requires_grad_(True)

@@ -9,20 +9,20 @@ import torch
 from helpers import TinyResNet, randomize_bn
 
 from ptqflow.errors import StoreError
-from ptqflow.features import FeatureStore, FeatureStoreWriter, extract_features
+from ptqflow.features import FeatureStore, FeatureStoreWriter, extract_features, store_bytes
 from ptqflow.fold import fold_bn
 from ptqflow.units import extract_units
 
 
 def _write(
-    path: Path, n: int = 20, dtype: str = "float32"
+    path: Path, n: int = 20, dtype: str = "float32", grads: bool = True
 ) -> tuple[list[torch.nn.Module], torch.Tensor, torch.Tensor]:
     units = [u.module for u in extract_units(fold_bn(randomize_bn(TinyResNet())))]
     names = ["stem", "layer1.0", "layer1.1", "head"]
     x = torch.randn(n, 3, 8, 8)
     labels = torch.arange(n) % 10
     shapes = [(8, 8, 8), (8, 8, 8), (16, 4, 4), (10,)]
-    writer = FeatureStoreWriter(path, names, (3, 8, 8), shapes, n, dtype, chunk_size=4, shard_size=8)
+    writer = FeatureStoreWriter(path, names, (3, 8, 8), shapes, n, dtype, chunk_size=4, shard_size=8, grads=grads)
     batches = iter([(x[i : i + 6], labels[i : i + 6]) for i in range(0, n, 6)])  # batches straddle shards
     extract_features(units, batches, writer, torch.device("cpu"))
     return units, x, labels
@@ -57,6 +57,37 @@ def test_gradients_match_autograd_reference(tmp_path: Path) -> None:
     torch.nn.functional.cross_entropy(h, labels, reduction="sum").backward()
     for name, out in zip(store.units, outs, strict=True):
         torch.testing.assert_close(store.unit(name).grads(slice(0, 20)), out.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_store_without_gradients(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """grads=False: no gradient arrays (half the bytes here), a forward pass only, the same outputs, and
+    reading a gradient names the switch."""
+    backward_calls: list[int] = []
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: backward_calls.append(1) or real_grad(*a, **k))
+    torch.manual_seed(0)
+    _write(tmp_path / "none.zarr", grads=False)
+    assert not backward_calls
+    torch.manual_seed(0)
+    _write(tmp_path / "all.zarr", grads=True)
+    assert backward_calls
+    without, with_ = FeatureStore.open(tmp_path / "none.zarr"), FeatureStore.open(tmp_path / "all.zarr")
+    assert not without.has_grads and with_.has_grads
+    assert not any("grad" in key for key in without.meta["arrays"]) and without.meta["grads"] is False
+    for name in without.units:
+        assert torch.equal(without.unit(name).outputs(slice(0, 20)), with_.unit(name).outputs(slice(0, 20)))
+    with pytest.raises(StoreError, match="features.grads: true"):
+        without.unit("head").grads(slice(0, 2))
+    size = {
+        p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+        for p in (tmp_path / "none.zarr", tmp_path / "all.zarr")
+    }
+    assert size["none.zarr"] < 0.65 * size["all.zarr"], size
+
+
+def test_store_bytes_is_the_uncompressed_size() -> None:
+    assert store_bytes((3, 8, 8), [(8, 8, 8), (10,)], 20, "float16", grads=False) == 20 * (192 + 512 + 10) * 2
+    assert store_bytes((3, 8, 8), [(8, 8, 8), (10,)], 20, "float32", grads=True) == 20 * (192 + 2 * 522) * 4
 
 
 def test_few_files_thanks_to_sharding(tmp_path: Path) -> None:

@@ -125,7 +125,7 @@ def reshaped_array(ws: Path, case: Path) -> dict[str, str]:
     def edit(meta: dict[str, Any]) -> None:
         meta["shape"][1] += 1
 
-    _edit_json(_store_copy(ws, case) / "units" / "head" / "grad" / "zarr.json", edit)
+    _edit_json(_store_copy(ws, case) / "units" / "head" / "output" / "zarr.json", edit)
     return {"--features": str(case / "store.zarr")}
 
 
@@ -396,6 +396,13 @@ CASES = [
     Case("granularity", "reconstruct", "reconstruct.granularity must be one of 'layer', 'block', 'stage', 'net'",
          {"reconstruct": {"granularity": "unit"}}),
     Case("loss", "reconstruct", "reconstruct.loss must be one of 'mse', 'fisher'", {"reconstruct": {"loss": "l1"}}),
+    Case("memory", "reconstruct", "base.memory must be one of 'device', 'cpu', 'stream'; got 'disk'",
+         {"base": {"memory": "disk"}}),
+    Case("fisher-without-grads", "reconstruct",
+         "reconstruct.loss: fisher needs the FP output gradients, and the feature store",
+         {"reconstruct": {"loss": "fisher"}}),
+    Case("sens-fisher-without-grads", "sensitivity", "store.zarr has none: set features.grads: true",
+         {"sensitivity": {"metric": "fisher"}}),
     Case("targets-empty", "reconstruct", "reconstruct.targets must name at least one",
          {"reconstruct": {"targets": []}}),
     Case("target-unknown", "reconstruct",
@@ -454,7 +461,7 @@ CASES = [
     Case("store-not-ptqflow", "quantize", "store.zarr is not a ptqflow feature store", setup=not_a_store),
     Case("store-unclosed", "reconstruct", "was not closed (no manifest)", setup=unclosed_store),
     Case("store-reshaped", "reconstruct",
-         "array units/head/grad is float32[16, 11], its manifest says float32[16, 10]",
+         "array units/head/output is float32[16, 11], its manifest says float32[16, 10]",
          setup=reshaped_array),
     Case("store-shard-deleted", "quantize",
          "array input shard 0 is missing or unreadable (FileNotFoundError); rerun the features stage "
@@ -567,7 +574,7 @@ def _base_params(ws: Path) -> dict[str, Any]:
         "features": {"batch_size": 16, "chunk_size": 4, "shard_size": 8},
         "quantize": {"bits": {"w2a4": {"weight_bits": 2, "act_bits": 4}}, "calib_size": 16},
         "reconstruct": {"targets": ["w2a4"], "iters": 2, "act_iters": 1, "batch_size": 8},
-        "sensitivity": {"samples": 8, "batch_size": 8},
+        "sensitivity": {"samples": 8, "batch_size": 8, "metric": "kl"},
         "search": {"pop_size": 8, "generations": 2},
         "select": {"base": "w2a4", "budget": {"kind": "avg_bits", "value": 3.0}},
         "plan": {"reference": "w2a4", "k": 1},
@@ -692,6 +699,36 @@ def test_cuda_without_a_gpu(workspace: Path, tmp_path: Path) -> None:
     (tmp_path / "p.yaml").write_text(_params_text(workspace, tmp_path, {"base": {"device": "cuda"}}))
     code, out, _ = _invoke(_argv(tmp_path / "p.yaml", "features", _stage_args("features", workspace, tmp_path)))
     assert code == 2 and "base.device is 'cuda' but no CUDA device is available; allowed: auto, cpu, cuda" in out
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("stage", "extra", "expect"),
+    [
+        ("features", {}, ["Error: features: the store needs up to ", " bytes uncompressed and ", " has 1,000 free"]),
+        (
+            "reconstruct",
+            {"base": {"memory": "stream"}},
+            ["Error: base.memory: stream needs up to ", "0.0 GB are free"],
+        ),
+    ],
+)
+def test_a_full_disk_stops_the_stage_before_any_work(
+    stage: str,
+    extra: dict[str, Any],
+    expect: list[str],
+    workspace: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The store's uncompressed size (features) or stream's spill files (reconstruct) against the free
+    bytes: one line with both figures, exit 2, nothing written."""
+    full = shutil._ntuple_diskusage(10**6, 10**6 - 1000, 1000)  # type: ignore[attr-defined]
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: full)
+    (tmp_path / "p.yaml").write_text(_params_text(workspace, tmp_path, extra))
+    code, out, _ = _invoke(_argv(tmp_path / "p.yaml", stage, _stage_args(stage, workspace, tmp_path)))
+    assert code == 2 and out.count("\n") == 1, out
+    assert all(fragment in out for fragment in expect), out
     assert not (tmp_path / "out").exists()
 
 

@@ -6,10 +6,12 @@ import fcntl
 import logging
 import os
 import pty
+import re
 import struct
 import subprocess
 import sys
 import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +37,19 @@ def test_track_logs_about_every_tenth_off_a_terminal(caplog: pytest.LogCaptureFi
     caplog.set_level(logging.INFO, logger="ptqflow")
     assert list(track(iter(range(50)), 50, "work")) == list(range(50))
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == [f"work: {i}/50" for i in range(5, 51, 5)]
+    assert [line.split(",")[0] for line in lines] == [f"work: {i}/50" for i in range(5, 51, 5)]
+    # each line carries the rate and the time left; the last one the elapsed time
+    assert all(re.fullmatch(r"work: \d+/50, [\d.e+]+ (it/s|s/it), ETA \d+m\d\ds", line) for line in lines[:-1]), lines
+    assert re.fullmatch(r"work: 50/50, [\d.e+]+ (it/s|s/it), [\d.]+s", lines[-1]), lines
+
+
+def test_pace_reads_like_a_clock() -> None:
+    from stages.common import _pace
+
+    began = time.perf_counter() - 10.0  # 10 s for 5 of 30 items: 2 s each, 50 s left
+    assert _pace(5, 30, began).startswith("2 s/it, ETA 0m5") and _pace(0, 30, began) == "starting"
+    assert _pace(6000, 8000, time.perf_counter() - 3000) == "2 it/s, ETA 16m40s"
+    assert _pace(1, 10_000, time.perf_counter() - 1).endswith("ETA 2h46m")
 
 
 def test_track_is_silent_below_info(caplog: pytest.LogCaptureFixture) -> None:
@@ -70,7 +84,8 @@ def _run_python(code: str, tty: bool) -> str:
 def test_terminal_gets_a_bar_pipe_gets_lines() -> None:
     piped = _run_python(SNIPPET.format(verbosity=0), tty=False)
     assert "INFO ptqflow: work: 4/40" in piped and "INFO ptqflow: work: 40/40" in piped
-    assert "\r" not in piped and "it/s" not in piped
+    assert "\r" not in piped and " [" not in piped  # no tqdm bar; the lines carry rate and ETA instead
+    assert re.search(r"INFO ptqflow: work: 4/40, [\d.e+]+ it/s, ETA \d+m\d\ds", piped), piped
     terminal = _run_python(SNIPPET.format(verbosity=0), tty=True)
     assert "work:" in terminal and "/40 [" in terminal and "\r" in terminal  # tqdm redraws in place
     assert "INFO ptqflow: work: 4/40" not in terminal
@@ -94,10 +109,10 @@ def test_stage_cli_progress_and_quiet(tmp_path: Path) -> None:
 
     ptqflow("prepare", "--out", "prep")
     loud = ptqflow("features", "--calibration", "prep/calibration.pt", "--out", "store.zarr").stderr
-    assert [line for line in loud.splitlines() if "features: " in line and "/8" in line] == [
-        f"INFO ptqflow: features: {i}/8" for i in range(1, 9)
-    ]
+    lines = [line for line in loud.splitlines() if "features: " in line and "/8" in line]
+    assert [line.split(",")[0] for line in lines] == [f"INFO ptqflow: features: {i}/8" for i in range(1, 9)]
+    assert all((" ETA " in line) == (i < 7) for i, line in enumerate(lines)), lines  # the last: elapsed
     quiet = ptqflow("-q", "features", "--calibration", "prep/calibration.pt", "--out", "store2.zarr")
     assert quiet.stderr == "" and quiet.stdout == ""
     verbose = ptqflow("-v", "features", "--calibration", "prep/calibration.pt", "--out", "store3.zarr").stderr
-    assert "INFO ptqflow: features: 8/8" in verbose
+    assert "INFO ptqflow: features: 8/8, " in verbose

@@ -50,6 +50,7 @@ def test_stages_declare_their_code_and_params(pipeline: Path) -> None:
             f"{name}: base.kernels must be declared exactly by the stages that compute with torch"
         )
         assert "base.threads" not in stage["params"], f"{name}: base.threads must not change any output"
+        assert "base.memory" not in stage["params"], f"{name}: base.memory must not change any output"
         for sec in read:
             assert sec in declared, f"{name} reads params section {sec!r} but does not declare it"
         for key in stage["params"]:

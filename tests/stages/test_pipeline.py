@@ -22,6 +22,29 @@ def repo(cold_run: ColdRun) -> Path:
     return cold_run.repo
 
 
+def test_every_memory_mode_reconstructs_the_same_bytes(repo: Path, tmp_path: Path) -> None:
+    """base.memory is not a declared param, which is only right because stream (spill files read back with
+    read-ahead) gives the bytes of the cold run's device mode; the timing metrics name the mode and
+    its peak memory, and no spill file is left behind."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["base"]["memory"] == "device"
+    for mode in ("stream",):  # cpu is device's code path on a CPU-only machine (test_cache.py covers both)
+        params["base"]["memory"] = mode
+        (tmp_path / f"{mode}.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        out = tmp_path / mode
+        cmd = ["ptqflow", "--params", str(tmp_path / f"{mode}.yaml"), "reconstruct"]
+        cmd += ["--features", "data/features/store.zarr", "--rtn", "data/quantize", "--rtn", "data/select"]
+        cmd += ["--plan", "data/plan/plan.json", "--out", str(out / "reconstruct"), "--plots", str(out / "plots")]
+        _run([*cmd, "--timing", str(out / "timing.json"), "--unit-seconds", str(out / "units")], repo)
+        for model in sorted((repo / "data/reconstruct").iterdir()):
+            assert (out / "reconstruct" / model.name).read_bytes() == model.read_bytes(), (mode, model.name)
+        timing = json.loads((out / "timing.json").read_text())["reconstruct"]
+        assert timing["memory"] == mode and timing["peak_rss_mb"] > 0
+        header = (out / "units" / "w2a4.tsv").read_text().splitlines()[0]
+        assert header == "step\tphase\tunit\tseconds\titer_ms\tpeak_rss_mb"
+        assert not list(out.glob("*.scratch")) and not list(out.rglob(".ptqflow-*"))
+
+
 def test_repro_reruns_only_what_changed(repo: Path, cold_run: ColdRun) -> None:
     log = cold_run.log  # the session's cold run of this repo (conftest.py)
     assert _ran(log) == [
@@ -54,6 +77,7 @@ def test_repro_reruns_only_what_changed(repo: Path, cold_run: ColdRun) -> None:
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["base"]["threads"] = "auto"  # not a declared param: outputs are the same bytes for any count
+    params["base"]["memory"] = "stream"  # nor this: every mode gives the same bytes (test above)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _ran(_run(["dvc", "repro"], repo)) == []
 

@@ -30,6 +30,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -42,6 +43,7 @@ from ptqflow.quant.adaround import beta_schedule
 from ptqflow.quant.model import QuantModel
 from ptqflow.quant.quantizer import ActQuantizer
 from ptqflow.quant.units import QuantLayer, QuantUnit
+from ptqflow.recon.cache import Cached, Memory, peak_memory_mb, prefetch
 
 __all__ = ["ReconConfig", "Step", "plan_steps", "reconstruct", "reconstruction_loss"]
 
@@ -69,7 +71,9 @@ class ReconConfig:
         loss: ``mse`` or ``fisher`` (diagonal-Fisher weighted, from the cached gradients).
         p: exponent of the reconstruction loss (QDrop 2.0; BRECQ's activation phase uses 2.4).
         lsq_grad_scale: LSQ gradient scaling of activation steps (QDrop's ``qdrop`` branch).
-        seed: seeds sampling and drop masks (each group reseeds, so a resumed run matches a full one).
+        seed: seeds sampling and drop masks (each group reseeds, so a resumed run matches a full one);
+            the mini-batch indices come from a generator of their own, drawn before the loop, so that
+            ``memory="stream"`` can read ahead (:mod:`ptqflow.recon.cache`).
     """
 
     method: Literal["brecq", "qdrop"] = "qdrop"
@@ -154,18 +158,29 @@ def _act_quantizers(group: _Group) -> list[ActQuantizer]:
 
 
 @torch.no_grad()
-def _forward_all(module: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
-    return torch.cat([module(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
+def _forward_all(module: nn.Module, x: Cached, batch_size: int, memory: Memory) -> Cached:
+    return memory.derive(x, module, batch_size)
 
 
 @torch.no_grad()
-def _eval_loss(group: _Group, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+def _eval_loss(group: _Group, x: Cached, y: Cached, batch_size: int) -> float:
     total = 0.0
-    for i in range(0, x.shape[0], batch_size):
-        total += float(reconstruction_loss(group(x[i : i + batch_size]), y[i : i + batch_size], None, 2.0)) * len(
-            x[i : i + batch_size]
-        )
-    return total / x.shape[0]
+    for i in range(0, x.n, batch_size):
+        stop = min(i + batch_size, x.n)
+        total += float(reconstruction_loss(group(x.rows(i, stop)), y.rows(i, stop), None, 2.0)) * (stop - i)
+    return total / x.n
+
+
+def _sampler_seed(seed: int, step: int) -> int:
+    """Seed of a step's mini-batch sampler, apart from the global generator that draws the drop masks:
+    the sampler's draws are known before the loop runs, so the ``stream`` mode can read ahead."""
+    return (seed * 1_000_003 + step) * 2 + 1
+
+
+def _close(*caches: Cached | None) -> None:
+    for cache in caches:
+        if cache is not None:
+            cache.close()
 
 
 ProgressFactory = Callable[[int, str], Callable[[int, float], None]]
@@ -181,6 +196,8 @@ def reconstruct(
     start: int = 0,
     skip: frozenset[int] = frozenset(),
     layerwise: bool = False,
+    memory: str = "device",
+    scratch: Path | None = None,
     on_step_done: Callable[[int, Step, dict[str, float]], None] | None = None,
     progress: ProgressFactory | None = None,
 ) -> list[dict[str, float]]:
@@ -196,88 +213,114 @@ def reconstruct(
             already hold their reconstructed state).
         skip: units never reconstructed (BRECQ's stem): a group made only of them keeps RTN.
         layerwise: reconstruct layer by layer inside each group (BRECQ's layer granularity).
+        memory: where the step's cached tensors live, ``device``, ``cpu`` or ``stream``
+            (:mod:`ptqflow.recon.cache`); the result is the same bytes whichever is chosen.
+        scratch: folder for ``stream``'s spill files (uncompressed float32; about four of the largest
+            unit tensors at once).
         on_step_done: called after each step with its index, the step and its stats (write resume
             state there).
         progress: ``progress(total, label)`` returns ``update(iteration, loss)`` for a progress bar.
 
     Returns:
-        One stats dict per step run: ``{"loss_before", "loss_after", "seconds"}`` (full-set MSE of
-        the group output against the FP target, all quantizers on).
+        One stats dict per step run: ``{"loss_before", "loss_after", "seconds", "iter_ms",
+        "peak_rss_mb"}`` (losses: full-set MSE of the group output against the FP target, all quantizers
+        on; ``iter_ms``: wall milliseconds per optimisation iteration; ``peak_rss_mb``: the process's peak
+        resident memory so far, and ``peak_device_mb`` on CUDA).
     """
     flat = [i for g in groups for i in g]
     if flat != list(range(len(model.units))):
         raise ConfigError(f"reconstruction groups must cover units 0..{len(model.units) - 1} in order, got {groups}")
     steps = plan_steps(config.method, groups, layerwise)
+    space = Memory(memory, device, scratch)
     n = store.num_samples
     eval_batch = max(config.batch_size, 64)
     # channels_last: about 2x faster convolutions on the CPU for these nets (measured in training).
     model.to(device).to(memory_format=torch.channels_last)
-    x_q = _load(store, store.units[0], "inputs", n, device)  # quantized-prefix input
+
+    def cached(unit: str, what: str) -> Cached:
+        return space.load(getattr(store.unit(unit), what), n, eval_batch)
+
+    x_q = cached(store.units[0], "inputs")  # quantized-prefix input
     stats: list[dict[str, float]] = []
-    for index, step in enumerate(steps):
-        first, last = step.group[0], step.group[-1]
-        group = _Group([model.units[i] for i in step.group])
-        acts_during = step.phase != "weights" and not (step.phase == "layers" and config.method == "brecq")
-        if index < start or set(step.group) <= skip:
-            if step.phase != "acts":
+    try:
+        for index, step in enumerate(steps):
+            first, last = step.group[0], step.group[-1]
+            group = _Group([model.units[i] for i in step.group])
+            acts_during = step.phase != "weights" and not (step.phase == "layers" and config.method == "brecq")
+            if index < start or set(step.group) <= skip:
+                if step.phase != "acts":
+                    model.set_quant_state(weight=True, act=acts_during)
+                    x_q, old = _forward_all(group, x_q, eval_batch, space), x_q
+                    old.close()
+                continue
+            began = time.perf_counter()
+            torch.manual_seed(config.seed * 1_000_003 + index)
+            sampler = torch.Generator().manual_seed(_sampler_seed(config.seed, index))
+            x_fp = cached(store.units[first], "inputs")
+            y_fp = cached(store.units[last], "outputs")
+            grad = cached(store.units[last], "grads") if config.loss == "fisher" else None
+            try:
+                x_in = x_fp if step.phase == "acts" else x_q
+                model.set_quant_state(weight=True, act=True)
+                before = _eval_loss(group, x_in, y_fp, eval_batch)
+                label = f"{step.phase} {'+'.join(store.units[i] for i in step.group)}"
+                total = config.act_iters if step.phase == "acts" else config.iters
+                if step.phase == "layers":
+                    total *= sum(1 for m in group.modules() if isinstance(m, QuantLayer))
+                update = progress(total, label) if progress else None
                 model.set_quant_state(weight=True, act=acts_during)
-                x_q = _forward_all(group, x_q, eval_batch)
-            continue
-        began = time.perf_counter()
-        torch.manual_seed(config.seed * 1_000_003 + index)
-        x_fp = _load(store, store.units[first], "inputs", n, device)
-        y_fp = _load(store, store.units[last], "outputs", n, device)
-        grad = _load(store, store.units[last], "grads", n, device) if config.loss == "fisher" else None
-        x_in = x_fp if step.phase == "acts" else x_q
-        model.set_quant_state(weight=True, act=True)
-        before = _eval_loss(group, x_in, y_fp, eval_batch)
-        label = f"{step.phase} {'+'.join(store.units[i] for i in step.group)}"
-        total = config.act_iters if step.phase == "acts" else config.iters
-        if step.phase == "layers":
-            total *= sum(1 for m in group.modules() if isinstance(m, QuantLayer))
-        update = progress(total, label) if progress else None
-        model.set_quant_state(weight=True, act=acts_during)
-        if step.phase == "acts":
-            _optimise_acts(group, x_fp, y_fp, grad, config, update)
-        elif step.phase == "layers":
-            _optimise_layers(group, x_q, x_fp, config, acts_during, update)
-        else:
-            _optimise_weights(group, x_q, x_fp, y_fp, grad, config, joint=step.phase == "joint", update=update)
-        model.set_quant_state(weight=True, act=True)
-        after = _eval_loss(group, x_in, y_fp, eval_batch)
-        if step.phase != "acts":
-            model.set_quant_state(weight=True, act=acts_during)
-            x_q = _forward_all(group, x_q, eval_batch)
-        row = {"loss_before": before, "loss_after": after, "seconds": time.perf_counter() - began}
-        log.info("%s: loss %.5g -> %.5g (%.1fs)", label, before, after, row["seconds"])
-        stats.append(row)
-        if on_step_done is not None:
-            on_step_done(index, step, row)
+                looped = time.perf_counter()
+                if step.phase == "acts":
+                    _optimise_acts(group, x_fp, y_fp, grad, config, update, sampler)
+                elif step.phase == "layers":
+                    _optimise_layers(group, x_q, x_fp, config, acts_during, update, sampler, space)
+                else:
+                    joint = step.phase == "joint"
+                    _optimise_weights(group, x_q, x_fp, y_fp, grad, config, joint, update, sampler)
+                loop_ms = (time.perf_counter() - looped) * 1000 / total
+                model.set_quant_state(weight=True, act=True)
+                after = _eval_loss(group, x_in, y_fp, eval_batch)
+                if step.phase != "acts":
+                    model.set_quant_state(weight=True, act=acts_during)
+                    x_q, old = _forward_all(group, x_q, eval_batch, space), x_q
+                    old.close()
+            finally:
+                _close(x_fp, y_fp, grad)
+            row = {
+                "loss_before": before,
+                "loss_after": after,
+                "seconds": time.perf_counter() - began,
+                "iter_ms": loop_ms,
+                **peak_memory_mb(device),
+            }
+            log.info("%s: loss %.5g -> %.5g (%.1fs)", label, before, after, row["seconds"])
+            stats.append(row)
+            if on_step_done is not None:
+                on_step_done(index, step, row)
+    finally:
+        x_q.close()
     model.set_quant_state(weight=True, act=True)
     model.to(memory_format=torch.contiguous_format)
     return stats
 
 
-def _load(store: FeatureStore, unit: str, what: str, n: int, device: torch.device) -> torch.Tensor:
-    """All ``n`` calibration samples of one cached quantity, read once per step, on ``device``."""
-    tensor: torch.Tensor = getattr(store.unit(unit), what)(slice(0, n)).to(device)
-    return tensor.contiguous(memory_format=torch.channels_last) if tensor.dim() == 4 else tensor
-
-
-def _sample(n: int, batch: int, method: str) -> torch.Tensor:
+def _sample(n: int, batch: int, method: str, generator: torch.Generator) -> torch.Tensor:
     # BRECQ draws without replacement (randperm), QDrop with replacement (randint).
-    return torch.randperm(n)[:batch] if method == "brecq" else torch.randint(0, n, (batch,))
+    if method == "brecq":
+        return torch.randperm(n, generator=generator)[:batch]
+    return torch.randint(0, n, (batch,), generator=generator)
 
 
 def _optimise_weights(
     group: _Group,
-    x_q: torch.Tensor,
-    x_fp: torch.Tensor,
-    y_fp: torch.Tensor,
-    grad: torch.Tensor | None,
+    x_q: Cached,
+    x_fp: Cached,
+    y_fp: Cached,
+    grad: Cached | None,
     config: ReconConfig,
     joint: bool,
     update: Callable[[int, float], None] | None,
+    sampler: torch.Generator,
 ) -> None:
     layers = [m for m in group.modules() if isinstance(m, QuantLayer)]
     rounding = [layer.start_adaround() for layer in layers]
@@ -297,14 +340,16 @@ def _optimise_weights(
         layer.layer.weight.requires_grad_(False)
         if layer.layer.bias is not None:
             layer.layer.bias.requires_grad_(False)
-    n = x_q.shape[0]
+    mix = joint and config.keep_prob < 1.0
+    indices = [_sample(x_q.n, config.batch_size, config.method, sampler) for _ in range(config.iters)]
     try:
-        for t in range(config.iters):
-            idx = _sample(n, config.batch_size, config.method)
-            x = x_q[idx]
-            if joint and config.keep_prob < 1.0:
-                x = torch.where(torch.rand_like(x) < config.keep_prob, x, x_fp[idx])
-            rec = reconstruction_loss(group(x), y_fp[idx], grad[idx] if grad is not None else None, config.p)
+        batches = prefetch([x_q, x_fp if mix else None, y_fp, grad], indices)
+        for t, (x, x_fp_batch, y, g) in enumerate(batches):
+            assert x is not None and y is not None
+            if mix:
+                assert x_fp_batch is not None
+                x = torch.where(torch.rand_like(x) < config.keep_prob, x, x_fp_batch)
+            rec = reconstruction_loss(group(x), y, g, config.p)
             beta = beta_schedule(t, config.iters, config.warmup, config.beta_start, config.beta_end)
             loss = rec
             if beta is not None and config.reg_weight > 0:
@@ -329,10 +374,9 @@ def _optimise_weights(
 
 
 @torch.no_grad()
-def _capture(group: _Group, layer: QuantLayer, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _capture(group: _Group, layer: QuantLayer, x: Cached, batch_size: int, memory: Memory) -> tuple[Cached, Cached]:
     """``layer``'s input and output while ``group`` runs on ``x`` (in its current quantization state)."""
-    inputs: list[torch.Tensor] = []
-    outputs: list[torch.Tensor] = []
+    inputs, outputs = memory.sink(x.n), memory.sink(x.n)
 
     def hook(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
         inputs.append(args[0].detach())
@@ -340,11 +384,11 @@ def _capture(group: _Group, layer: QuantLayer, x: torch.Tensor, batch_size: int)
 
     handle = layer.register_forward_hook(hook)
     try:
-        for i in range(0, x.shape[0], batch_size):
-            group(x[i : i + batch_size])
+        for i in range(0, x.n, batch_size):
+            group(x.rows(i, min(i + batch_size, x.n)))
     finally:
         handle.remove()
-    return torch.cat(inputs), torch.cat(outputs)
+    return inputs.finish(), outputs.finish()
 
 
 def _set_group_state(group: _Group, weight: bool, act: bool) -> None:
@@ -355,20 +399,23 @@ def _set_group_state(group: _Group, weight: bool, act: bool) -> None:
 
 def _optimise_layers(
     group: _Group,
-    x_q: torch.Tensor,
-    x_fp: torch.Tensor,
+    x_q: Cached,
+    x_fp: Cached,
     config: ReconConfig,
     acts: bool,
     update: Callable[[int, float], None] | None,
+    sampler: torch.Generator,
+    memory: Memory,
 ) -> None:
     """AdaRound every layer of ``group`` on its own, in order (BRECQ's layer granularity)."""
     layers = [m for m in group.modules() if isinstance(m, QuantLayer)]
     batch = max(config.batch_size, 64)
     for index, layer in enumerate(layers):
         _set_group_state(group, weight=False, act=False)
-        x_fp_layer, y_fp_layer = _capture(group, layer, x_fp, batch)  # FP input and target of this layer
+        x_fp_layer, y_fp_layer = _capture(group, layer, x_fp, batch, memory)  # FP input and target of this layer
         _set_group_state(group, weight=True, act=acts)
-        x_q_layer, _ = _capture(group, layer, x_q, batch)  # earlier layers already hard-rounded
+        x_q_layer, unused = _capture(group, layer, x_q, batch, memory)  # earlier layers already hard-rounded
+        unused.close()
         offset = index * config.iters
 
         def shifted(t: int, loss: float, offset: int = offset) -> None:
@@ -376,16 +423,20 @@ def _optimise_layers(
                 update(offset + t, loss)
 
         single = _Group([layer])
-        _optimise_weights(single, x_q_layer, x_fp_layer, y_fp_layer, None, config, joint=acts, update=shifted)
+        try:
+            _optimise_weights(single, x_q_layer, x_fp_layer, y_fp_layer, None, config, acts, shifted, sampler)
+        finally:
+            _close(x_fp_layer, y_fp_layer, x_q_layer)
 
 
 def _optimise_acts(
     group: _Group,
-    x_fp: torch.Tensor,
-    y_fp: torch.Tensor,
-    grad: torch.Tensor | None,
+    x_fp: Cached,
+    y_fp: Cached,
+    grad: Cached | None,
     config: ReconConfig,
     update: Callable[[int, float], None] | None,
+    sampler: torch.Generator,
 ) -> None:
     quantizers = _act_quantizers(group)
     scales = [q.scale for q in quantizers]
@@ -398,11 +449,11 @@ def _optimise_acts(
     params = [p for p in group.parameters() if p.requires_grad and all(p is not s for s in scales)]
     for p in params:
         p.requires_grad_(False)
-    n = x_fp.shape[0]
+    indices = [_sample(x_fp.n, config.batch_size, "brecq", sampler) for _ in range(config.act_iters)]
     try:
-        for t in range(config.act_iters):
-            idx = _sample(n, config.batch_size, "brecq")
-            loss = reconstruction_loss(group(x_fp[idx]), y_fp[idx], grad[idx] if grad is not None else None, 2.4)
+        for t, (x, y, g) in enumerate(prefetch([x_fp, y_fp, grad], indices)):
+            assert x is not None and y is not None
+            loss = reconstruction_loss(group(x), y, g, 2.4)
             opt.zero_grad(set_to_none=True)
             torch.autograd.backward(loss)
             opt.step()
