@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -25,6 +26,7 @@ from stages.params import BaseConfig, section
 __all__ = [
     "apply_runtime",
     "configure_logging",
+    "free_bytes",
     "load_calibration",
     "load_fp_model",
     "load_split",
@@ -62,6 +64,12 @@ def unit_progress(threads: int | str) -> Callable[[int, str], Callable[[int, flo
         return progress_bar(total, label)
 
     return start
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system that will hold ``path`` (its nearest existing ancestor)."""
+    where = next(p for p in (path, *path.parents) if p.exists())
+    return shutil.disk_usage(where).free
 
 
 def require_grads(store: FeatureStore, needed_by: str) -> None:

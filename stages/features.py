@@ -6,7 +6,6 @@ must plan for) and stops with one line naming the bytes needed and free otherwis
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +17,7 @@ from ptqflow.errors import ConfigError, DataError
 from ptqflow.features import FeatureStoreWriter, extract_features, store_bytes
 from ptqflow.fold import fold_bn
 from ptqflow.units import extract_units
-from stages.common import load_calibration, load_fp_model, resolve_device, track
+from stages.common import free_bytes, load_calibration, load_fp_model, resolve_device, track
 from stages.params import BaseConfig, section
 
 
@@ -49,13 +48,12 @@ class FeaturesConfig:
 
 
 def _check_space(out: Path, need: int, config: FeaturesConfig) -> None:
-    where = next(p for p in (out, *out.parents) if p.exists())
-    free = shutil.disk_usage(where).free
+    free = free_bytes(out)
     if need > free:
         options = (("features.dtype: float16", config.dtype == "float32"), ("features.grads: false", config.grads))
         hints = [h for h, on in options if on]
         raise DataError(
-            f"features: the store needs up to {need:,} bytes uncompressed and {where} has {free:,} free; "
+            f"features: the store needs up to {need:,} bytes uncompressed and {out.parent} has {free:,} free; "
             f"free space{''.join(', or set ' + h for h in hints)}, or lower prepare.calib_size"
         )
 

@@ -28,7 +28,7 @@ from ptqflow.features import FeatureStore
 from ptqflow.models import build_model
 from ptqflow.quant.model import QuantModel, load_quant_file, quant_payload
 from ptqflow.recon.reconstruct import ReconConfig, Step, reconstruct
-from stages.common import require_grads, resolve_device, unit_progress
+from stages.common import free_bytes, require_grads, resolve_device, unit_progress
 from stages.params import BaseConfig, section
 
 log = logging.getLogger(__name__)
@@ -188,8 +188,7 @@ def _check_scratch_space(store: FeatureStore, scratch: Path, fisher: bool) -> No
     input, target, gradient) as float32: stop before any work when the disk cannot hold them."""
     sizes = [math.prod(store.meta["input_shape"])] + [math.prod(s) for s in store.meta["output_shapes"].values()]
     need = store.num_samples * 4 * max(sizes) * (5 if fisher else 4)
-    where = next(p for p in (scratch, *scratch.parents) if p.exists())
-    free = shutil.disk_usage(where).free
+    free = free_bytes(scratch)
     if need > free:
         raise ConfigError(
             f"base.memory: stream needs up to {need / 1e9:.1f} GB of scratch space in {scratch}, "

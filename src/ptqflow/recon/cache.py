@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -59,19 +60,19 @@ def layout(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-class Cached:
+class Cached(ABC):
     """``n`` samples of one per-sample shape; rows are read as device tensors in :func:`layout`."""
 
     n: int
     shape: tuple[int, ...]
 
+    @abstractmethod
     def take(self, idx: torch.Tensor) -> torch.Tensor:
         """Samples ``idx`` (a 1-D CPU int64 tensor, repeats allowed), on the device."""
-        raise NotImplementedError
 
+    @abstractmethod
     def rows(self, start: int, stop: int) -> torch.Tensor:
         """Samples ``start:stop`` in order, on the device."""
-        raise NotImplementedError
 
     def fetch(self, idx: torch.Tensor) -> object:
         """The host-side part of :meth:`take` (disk reads), safe to run on a read-ahead thread."""
@@ -82,6 +83,7 @@ class Cached:
         assert isinstance(fetched, torch.Tensor)
         return self.take(fetched)
 
+    @abstractmethod
     def close(self) -> None:
         """Release the memory or the scratch file."""
 
@@ -154,14 +156,16 @@ class _RowFile(Cached):
         self.path.unlink(missing_ok=True)
 
 
-class Sink:
+class Sink(ABC):
     """Receives a tensor's samples batch by batch, in order; :meth:`finish` gives the :class:`Cached`."""
 
+    @abstractmethod
     def append(self, batch: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Add the next samples, in order."""
 
+    @abstractmethod
     def finish(self) -> Cached:
-        raise NotImplementedError
+        """The filled tensor (every sample appended)."""
 
 
 class _MemorySink(Sink):
