@@ -1,13 +1,16 @@
 """The ``ptqflow`` command line: one subcommand per DVC stage.
 
 Paths come from the command line (as ``dvc.yaml``'s ``cmd`` spells them), hyperparameters only from the
-params file. A bad value or file ends in one line on stderr and exit code 2.
+params file. A bad value or file ends in one line on stderr and exit code 2. torch is imported only when a
+command runs, so ``--help`` and ``--version`` answer at once.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,9 +18,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ptqflow.atomic import atomic_write_json
 from ptqflow.errors import PtqflowError
-from stages.common import apply_runtime, configure_logging
 from stages.params import load_params
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -32,12 +33,15 @@ def _path_option(*decls: str, default: Path | None, help: str) -> Callable[[F], 
 
 
 class _Context:
-    def __init__(self, params_path: Path) -> None:
+    def __init__(self, params_path: Path, verbosity: int) -> None:
         self.params_path = params_path
+        self.verbosity = verbosity
 
     def params(self) -> dict[str, Any]:
         """The params file, after applying its ``base.kernels`` and ``base.threads`` to this process (every
         stage reads its params before its first CPU computation, when the kernel switches still apply)."""
+        from stages.common import apply_runtime
+
         params = load_params(self.params_path)
         apply_runtime(params)
         return params
@@ -55,9 +59,14 @@ def _fail(exc: PtqflowError) -> None:
 
 
 def _stage(func: F) -> F:
-    """Turn library errors into :class:`BadInput` (one line, exit 2, no traceback)."""
+    """Set up logging when the command runs, and turn library errors into :class:`BadInput` (one line,
+    exit 2, no traceback)."""
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from stages.common import configure_logging
+
+        context = click.get_current_context().find_object(_Context)
+        configure_logging(context.verbosity if context is not None else 0)
         try:
             return func(*args, **kwargs)
         except PtqflowError as exc:
@@ -66,6 +75,21 @@ def _stage(func: F) -> F:
     wrapper.__name__ = func.__name__
     wrapper.__doc__ = func.__doc__
     return wrapper  # type: ignore[return-value]
+
+
+def _params_here(func: F) -> F:
+    """``--params`` on a subcommand too (``ptqflow quantize --params p.yaml``), as on the group."""
+
+    def use(ctx: click.Context, _: click.Parameter, value: Path | None) -> None:
+        if value is not None:
+            context = ctx.find_object(_Context)
+            if context is not None:
+                context.params_path = value
+
+    return click.option(
+        "--params", type=_PATH, default=None, expose_value=False, is_eager=True, callback=use,
+        help="Params file to read hyperparameters from (default: the group's --params, params.yaml).",
+    )(func)  # fmt: skip
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -79,11 +103,35 @@ def cli(ctx: click.Context, params_path: Path, verbose: int, quiet: bool) -> Non
 
     Each subcommand is one stage of dvc.yaml; run them through `dvc repro` so that results are cached.
     """
-    configure_logging(-1 if quiet else verbose)
-    ctx.obj = _Context(params_path)
+    ctx.obj = _Context(params_path, -1 if quiet else verbose)
 
 
-pass_ctx = click.make_pass_decorator(_Context)
+_pass_context = click.make_pass_decorator(_Context)
+
+
+def pass_ctx(func: F) -> F:
+    """Pass the :class:`_Context` and accept ``--params`` after the subcommand as well."""
+    return _params_here(_pass_context(func))  # type: ignore[return-value]
+
+
+@cli.command()
+@_path_option("--out", default=None, help="Folder for check.json (the DVC stage's output); omit to only check.")
+@click.option("--code", is_flag=True, help="Also write --out/code/<stage>.json, the installed package's code "
+              "fingerprints (pipelines written by ptqflow init).")  # fmt: skip
+@pass_ctx
+@_stage
+def check(ctx: _Context, out: Path | None, code: bool) -> None:
+    """Check every params section and the files they name before any stage runs (params: all sections).
+
+    The first stage of every pipeline: a typo or a missing file stops here, before DVC removes any other
+    stage's outputs. Run it by hand too, e.g. before `dvc exp run --queue`.
+    """
+    from stages import check as stage
+
+    if code and out is None:
+        raise click.UsageError("--code needs --out")
+    warnings = stage.run(ctx.params(), out, code)
+    log.info("params and inputs checked%s", f" ({len(warnings)} warnings)" if warnings else "")
 
 
 @cli.command()
@@ -193,6 +241,7 @@ def reconstruct(
     began = time.perf_counter()
     names = stage.run(ctx.params(), features_path, rtn_dirs, out, plots, plan_path, unit_seconds)
     if timing is not None:
+        from ptqflow.atomic import atomic_write_json
         from ptqflow.recon.cache import peak_memory_mb
         from stages.common import resolve_device
         from stages.params import BaseConfig, section
@@ -249,6 +298,61 @@ def evaluate(ctx: _Context, predictions: Path, out: Path, plots: Path) -> None:
     click.echo(_table(metrics))
 
 
+@cli.command()
+@click.argument("target", type=_PATH, default=Path("."))
+@click.option("--model", default=None, help="resnet20 | torchvision.<name> | package.module:factory (your own).")
+@click.option("--weights", default=None, help="The FP state_dict file (a path in the repository or absolute).")
+@click.option("--data", default=None, help="imagefolder:PATH, a folder with train/<class>/ and val/<class>/.")
+@click.option("--preset", default=None, help="An ImageNet preset instead of --model (imagenet-resnet18, ...).")
+@click.option("--image-size", default=224, show_default=True, help="Crop size of the images (--model only).")
+@click.option("--force", is_flag=True, help="Overwrite an existing dvc.yaml / params.yaml.")
+@_stage
+def init(
+    target: Path, model: str | None, weights: str | None, data: str | None, preset: str | None, image_size: int,
+    force: bool,
+) -> None:  # fmt: skip
+    """Start a ptqflow pipeline in a git repository (TARGET, default here): dvc.yaml + commented params.yaml.
+
+    Not a DVC stage. The stages run the installed `ptqflow` command; each depends on a fingerprint of the
+    installed code, so `pip install -U ptqflow` reruns exactly what changed. Runs `dvc init` if needed, never
+    overwrites without --force. Then: `ptqflow check`, `dvc repro`.
+
+    \b
+    ptqflow init --model torchvision.resnet50 --weights weights/r50.pth --data imagefolder:/data/imagenet
+    ptqflow init --model mynets.cnn:build --weights weights/cnn.pt --data imagefolder:data/images
+    ptqflow init --preset imagenet-resnet18 --data imagefolder:/data/imagenet
+    """
+    from ptqflow import __version__
+    from stages import init as stage
+
+    written = stage.run(
+        target, model=model, weights=weights, data=data, preset=preset, image_size=image_size, force=force,
+        version=__version__,
+    )  # fmt: skip
+    for path in written:
+        click.echo(f"wrote {path}")
+    click.echo("next: ptqflow check, then dvc repro (edit params.yaml first: reconstruct.iters, bits, ...)")
+
+
+@cli.command()
+@_path_option("--metrics", "metrics_path", default=Path("metrics/evaluate.json"), help="Metrics JSON evaluate wrote.")
+@_stage
+def report(metrics_path: Path) -> None:
+    """Print the demo's table (FP, RTN, mixed, reconstructed: bits, top-k, size) from evaluate's metrics.
+
+    Not a DVC stage. The readable view of `dvc metrics show metrics/evaluate.json`; `make demo` ends with it.
+    """
+    from ptqflow.errors import DataError
+
+    try:
+        metrics = json.loads(Path(metrics_path).read_text())
+        click.echo(_table(metrics))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise DataError(
+            f"{metrics_path} is not an evaluate metrics file ({type(exc).__name__}); run dvc repro"
+        ) from None
+
+
 def _table(metrics: dict[str, Any]) -> str:
     fp = metrics["fp"]
     topk = sorted((k for k in fp if k.startswith("top")), key=lambda k: int(k[3:]))
@@ -271,16 +375,21 @@ def _table(metrics: dict[str, Any]) -> str:
     default=Path("data/reconstruct"),
     help="Folder of quantized models to export (reconstruct's; data/quantize for the RTN models).",
 )
-@_path_option("--test", default=Path("data/prepare/test.pt"), help="Test split written by prepare (the check).")
+@_path_option(
+    "--test", default=Path("data/prepare/test.pt"), help="Test split (test.pt) or image index (test.json) of prepare."
+)
 @_path_option("--out", default=Path("data/export"), help="Folder for <name>.onnx, <name>.state_dict.pt, <name>.json.")
 @_path_option("--metrics", "metrics_path", default=Path("metrics/export.json"), help="Metrics JSON to write.")
+@_path_option(
+    "--images", default=None, help="Image folder root the test index (test.json) is relative to (prepare.data_root)."
+)
 @pass_ctx
 @_stage
-def export_(ctx: _Context, models_dir: Path, test: Path, out: Path, metrics_path: Path) -> None:
+def export_(ctx: _Context, models_dir: Path, test: Path, out: Path, metrics_path: Path, images: Path | None) -> None:
     """QDQ ONNX + state_dict + scales JSON, checked in onnxruntime (params: export.*)."""
     from stages import export as stage
 
-    metrics = stage.run(ctx.params(), models_dir, test, out, metrics_path)
+    metrics = stage.run(ctx.params(), models_dir, test, out, metrics_path, images)
     rows = [("model", "W/A", "top-1 torch", "top-1 onnx", "agreement %", "containers")]
     for name, r in metrics.items():
         if isinstance(r, dict):
@@ -316,7 +425,7 @@ def sensitivity(ctx: _Context, features_path: Path, rtn_dir: Path, out: Path, pl
 @pass_ctx
 @_stage
 def search(ctx: _Context, tables_path: Path, out: Path, plots: Path) -> None:
-    """Genetic (NSGA-II) mixed-precision search: the Pareto fronts (params: search.*)."""
+    """Mixed-precision search: the Pareto fronts, exact or NSGA-II by search.algorithm (params: search.*)."""
     from stages import search as stage
 
     result = stage.run(ctx.params(), tables_path, out, plots)
@@ -423,5 +532,9 @@ def share(remote: str | None, jobs: int | None) -> None:
 
 
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point. The working directory (a pipeline's folder, where DVC runs the stage) is
+    put on ``sys.path`` after everything else, as ``python -m`` would, so a model entry point of the
+    user's project (``mynets.cnn:build``) imports without PYTHONPATH and never shadows an installed package."""
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     cli(prog_name="ptqflow")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import sys
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from ptqflow.data import LabelledImages, normalize
 from ptqflow.errors import ConfigError, DataError
 from ptqflow.features import FeatureStore
-from ptqflow.imagefolder import normalize_channels
+from ptqflow.imagefolder import ImageFolderDataset, ImageIndex, normalize_channels
 from ptqflow.kernels import keep_freed_memory, set_threads, use_kernels
 from ptqflow.models import build_model, load_weights
 from stages.params import BaseConfig, section
@@ -30,6 +31,7 @@ __all__ = [
     "load_calibration",
     "load_fp_model",
     "load_split",
+    "open_image_test_set",
     "progress_bar",
     "require_grads",
     "resolve_device",
@@ -103,6 +105,25 @@ def load_split(path: Path) -> LabelledImages:
     if not (isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor) and len(images) == len(labels)):
         raise DataError(f"{path} is not a valid prepare output; rerun dvc repro prepare")
     return LabelledImages(images, labels)
+
+
+def open_image_test_set(
+    test: Path, images: Path | None
+) -> tuple[ImageFolderDataset, tuple[float, ...], tuple[float, ...]]:
+    """An image-folder test set from prepare's ``test.json`` index and the folder ``images``: the dataset
+    (uint8 crops) and the per-channel mean and std to normalize them with."""
+    if images is None:
+        raise DataError(f"{test} is an image-folder index: pass the folder's root with --images")
+    if not test.is_file():
+        raise DataError(f"{test} not found; run the prepare stage first (dvc repro prepare)")
+    try:
+        raw = json.loads(test.read_text())
+        pre = raw["preprocess"]
+        resize, crop = int(pre["resize"]), int(pre["crop"])
+        mean, std = tuple(float(v) for v in pre["mean"]), tuple(float(v) for v in pre["std"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"{test} is not an image index with its preprocessing; rerun dvc repro prepare") from None
+    return ImageFolderDataset(Path(images), ImageIndex.from_json(raw, str(test)), resize, crop), mean, std
 
 
 def load_calibration(path: Path) -> tuple[LabelledImages, Callable[[torch.Tensor], torch.Tensor]]:

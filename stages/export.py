@@ -14,6 +14,7 @@ default session (QDQ groups fused into integer kernels, which round on their own
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,14 +24,17 @@ import torch
 from ptqflow.atomic import atomic_dir, atomic_save_torch, atomic_write_bytes, atomic_write_json
 from ptqflow.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, normalize
 from ptqflow.errors import ConfigError, ExportError, ModelError
-from ptqflow.evaluate import predict_logits
-from ptqflow.export import ExportConfig, compare_logits, export_onnx, onnx_logits, plain_state_dict
+from ptqflow.export import ExportConfig, compare_logits, export_onnx, onnx_session, plain_state_dict
+from ptqflow.imagefolder import normalize_channels
 from ptqflow.models import build_model
 from ptqflow.quant.model import load_quant_file
-from stages.common import load_split
+from stages.common import load_split, open_image_test_set
 from stages.params import section
 
 log = logging.getLogger(__name__)
+
+#: A test set that can be iterated more than once: ``(normalized float inputs, labels)`` batches.
+TestBatches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
 
 
 @dataclass(frozen=True)
@@ -59,37 +63,84 @@ class ExportStageConfig(ExportConfig):
         return ExportConfig(opset=self.opset, containers=self.containers)
 
 
-def run(params: dict[str, Any], models_dir: Path, test: Path, out: Path, metrics_path: Path) -> dict[str, Any]:
-    """Export and check every ``models_dir/*.pt``; write ``out/`` and ``metrics_path``."""
+def _test_set(test: Path, images: Path | None, batch_size: int) -> tuple[TestBatches, dict[str, Any], int]:
+    """The test set as a re-iterable of ``(float input, labels)`` batches, the ONNX input's preprocessing
+    (for the scales JSON) and its size: ``test.pt`` in memory, or an image folder's ``test.json`` streamed
+    from ``images`` (decoded once per pass, as ``predict`` does)."""
+    if Path(test).suffix == ".json":
+        dataset, mean, std = open_image_test_set(Path(test), images)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+        def folder() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for x, y in loader:
+                yield normalize_channels(x, mean, std), y
+
+        pre = {"scale": 1 / 255, "mean": list(mean), "std": list(std), "resize": dataset.resize, "crop": dataset.crop}
+        return folder, pre, len(dataset)
+    data = load_split(test)
+
+    def memory() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(data), batch_size):
+            yield normalize(data.images[start : start + batch_size]), data.labels[start : start + batch_size]
+
+    pre = {"scale": 1 / 255, "mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD}
+    return memory, pre, len(data)
+
+
+def _three_logits(
+    model: torch.nn.Module, onnx_bytes: bytes, test: TestBatches
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PyTorch, onnxruntime node by node and onnxruntime fused logits, and the labels, in one pass. PyTorch
+    runs as :func:`ptqflow.evaluate.predict_logits` runs it (channels_last, inference mode), so its logits
+    are the bits ``predict`` reported."""
+    node, fused = onnx_session(onnx_bytes, optimize=False), onnx_session(onnx_bytes, optimize=True)
+    out: list[list[torch.Tensor]] = [[], [], [], []]
+    model.eval().to(memory_format=torch.channels_last)  # outside inference mode, as predict_logits does
+    with torch.inference_mode():
+        for x, y in test():
+            logits = model(x.contiguous(memory_format=torch.channels_last)).float()
+            for i, value in enumerate((logits, node(x), fused(x), y)):
+                out[i].append(value)
+    model.to(memory_format=torch.contiguous_format)
+    ref, by_node, by_fused, labels = (torch.cat(v) for v in out)
+    return ref, by_node, by_fused, labels
+
+
+def run(
+    params: dict[str, Any], models_dir: Path, test: Path, out: Path, metrics_path: Path, images: Path | None = None
+) -> dict[str, Any]:
+    """Export and check every ``models_dir/*.pt``; write ``out/`` and ``metrics_path``.
+
+    Args:
+        test: ``test.pt`` from prepare, or ``test.json`` (an image-folder index, streamed from ``images``).
+        images: the image folder's root the index's paths are relative to (``test.json`` only).
+    """
     config = section(params, "export", ExportStageConfig)
     files = sorted(Path(models_dir).glob("*.pt"))
     if not files:
         raise ModelError(f"no quantized models (*.pt) in {models_dir}; run dvc repro reconstruct (or pass --models)")
-    data = load_split(test)
-    cpu = torch.device("cpu")
-    metrics: dict[str, Any] = {"samples": len(data), "opset": config.opset}
+    test_batches, preprocess, samples = _test_set(Path(test), images, config.batch_size)
+    example = next(iter(test_batches()))[0][:1]
+    metrics: dict[str, Any] = {"samples": samples, "opset": config.opset}
     failures = []
     with atomic_dir(out) as tmp:
         for path in files:
             model, model_name, qconfig = load_quant_file(path, build_model)
-            example = normalize(data.images[:1])
             onnx_bytes, table = export_onnx(model, example, config.library())
             table.update(
                 model=model_name,
                 input={"name": "image", "shape": ["batch", *example.shape[1:]], "dtype": "float32",
-                       "preprocess": {"scale": 1 / 255, "mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD}},
+                       "preprocess": preprocess},
                 output={"name": "logits"},
             )  # fmt: skip
             atomic_write_bytes(tmp / f"{path.stem}.onnx", onnx_bytes)
             atomic_save_torch(plain_state_dict(model), tmp / f"{path.stem}.state_dict.pt")
             atomic_write_json(tmp / f"{path.stem}.json", table)
-            reference = predict_logits(model, data, config.batch_size, normalize, cpu)
+            reference, by_node, by_fused, labels = _three_logits(model, onnx_bytes, test_batches)
             # The check: the graph node by node (its exact float semantics) against the torch fake-quant model.
-            result = compare_logits(reference, onnx_logits(onnx_bytes, data, config.batch_size, normalize, False),
-                                    data.labels)  # fmt: skip
+            result = compare_logits(reference, by_node, labels)
             # For information: onnxruntime's default session, which fuses QDQ groups into integer kernels.
-            fused = compare_logits(reference, onnx_logits(onnx_bytes, data, config.batch_size, normalize, True),
-                                   data.labels)  # fmt: skip
+            fused = compare_logits(reference, by_fused, labels)
             containers = sorted({t["container"] for kind in ("weights", "activations") for t in table[kind].values()})
             metrics[path.stem] = {
                 **result,

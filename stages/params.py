@@ -43,6 +43,11 @@ class BaseConfig:
         threads: intra-op CPU threads, ``auto`` (the usable cores other processes leave free, rechosen
             before every reconstruction unit) or a number. Not a declared param: in portable mode the
             outputs are the same bytes for every thread count, so changing it reruns nothing.
+        model_code: the file or folder holding the model's Python code, a dependency (``${base.model_code}``
+            in ``dvc.yaml``) of every stage that builds the model, so that editing it reruns them; for an
+            entry point ``package.module:factory`` inside the project, ``check`` requires it to hold that
+            module (its file, or its package's folder). Empty (the default) in a pipeline ``ptqflow init``
+            wrote: there the ``check`` stage fingerprints the model's source (:mod:`stages.template`).
         memory: where ``reconstruct`` keeps a unit's cached calibration tensors while optimising it:
             ``device`` (whole tensors on the compute device), ``cpu`` (host memory, pinned on CUDA, each
             mini-batch copied over) or ``stream`` (spilled to scratch files next to the stage's output and
@@ -56,6 +61,7 @@ class BaseConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     float_leaves: tuple[str, ...] = ()
     kernels: Literal["portable", "native"] = "portable"
+    model_code: str = ""
     threads: int | str = "auto"  # "auto" or a count; checked in __post_init__ for one clear message
     memory: Literal["device", "cpu", "stream"] = "device"
 

@@ -8,7 +8,6 @@ and plots) reruns alone, in seconds, when a reporting key such as ``evaluate.top
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,14 +17,14 @@ import torch
 
 from ptqflow.atomic import atomic_dir, atomic_save_torch, atomic_write_json
 from ptqflow.data import normalize
-from ptqflow.errors import ConfigError, DataError, ModelError
+from ptqflow.errors import ConfigError, ModelError
 from ptqflow.evaluate import Batches, freeze_weights, predict_logits, predict_logits_many
 from ptqflow.fold import fold_bn
-from ptqflow.imagefolder import ImageFolderDataset, ImageIndex, normalize_channels
+from ptqflow.imagefolder import normalize_channels
 from ptqflow.models import build_model
 from ptqflow.quant.model import QuantConfig, QuantModel, load_quant_file
 from ptqflow.sensitivity import layer_infos
-from stages.common import load_fp_model, load_split, resolve_device, track
+from stages.common import load_fp_model, load_split, open_image_test_set, resolve_device, track
 from stages.params import BaseConfig, section
 
 #: Files of the output folder.
@@ -143,18 +142,7 @@ def _streamed(
     files: list[tuple[str, Path]],
 ) -> Result:
     """An image-folder test set (``test.json``): decode each batch once and run every model on it."""
-    if images is None:
-        raise DataError(f"{test} is an image-folder index: pass the folder's root with --images")
-    if not test.is_file():
-        raise DataError(f"{test} not found; run the prepare stage first (dvc repro prepare)")
-    try:
-        raw = json.loads(test.read_text())
-        pre = raw["preprocess"]
-        resize, crop = int(pre["resize"]), int(pre["crop"])
-        mean, std = tuple(float(v) for v in pre["mean"]), tuple(float(v) for v in pre["std"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise DataError(f"{test} is not an image index with its preprocessing; rerun dvc repro prepare") from None
-    dataset = ImageFolderDataset(Path(images), ImageIndex.from_json(raw, str(test)), resize, crop)
+    dataset, mean, std = open_image_test_set(test, images)
     example = normalize_channels(dataset[0][0][None], mean, std)
     fp_model = load_fp_model(base)
     models: dict[str, torch.nn.Module] = {"fp": fp_model}

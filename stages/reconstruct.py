@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import torch
 
-from ptqflow.atomic import atomic_dir, atomic_save_torch, atomic_write_text
+from ptqflow.atomic import atomic_dir, atomic_save_torch, atomic_write_text, safe_load_failure
 from ptqflow.errors import ConfigError, ModelError
 from ptqflow.features import FeatureStore
 from ptqflow.models import build_model
@@ -121,9 +121,9 @@ def _load_resume_state(model: QuantModel, state_file: Path) -> tuple[int, list[d
         if not isinstance(rows, list):
             raise TypeError("rows is not a list")
     except Exception as exc:  # pickle payload, torn or foreign file, wrong keys or shapes
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelError(
-            f"resume state {state_file} cannot be loaded safely (weights_only=True): {first}; "
+            f"resume state {state_file} cannot be loaded safely (weights_only=True): "
+            f"{safe_load_failure(state_file, exc)}; "
             f"delete {state_file.parent} to start that target afresh"
         ) from None
     return start, rows

@@ -13,8 +13,10 @@ import glob
 import io
 import json
 import os
+import pickle
 import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +30,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "safe_load_failure",
     "sweep_stale",
 ]
 
@@ -121,3 +124,20 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def safe_load_failure(path: Path, exc: BaseException) -> str:
+    """Why ``torch.load(path, weights_only=True)`` raised ``exc``, in words that never advise unpickling.
+
+    torch's own message suggests retrying with ``weights_only=False``, which runs whatever code the file
+    carries; ptqflow never does, so the reason is restated with what to do instead.
+    """
+    if not zipfile.is_zipfile(path):
+        return "not a file written by torch.save (no zip archive)"
+    if isinstance(exc, pickle.UnpicklingError):
+        return (
+            "it holds Python objects other than tensors (a pickled model or optimizer?), which ptqflow never "
+            "unpickles; save tensors only, e.g. torch.save(model.state_dict(), path)"
+        )
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return "damaged file" if "weights_only" in first else first

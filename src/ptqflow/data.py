@@ -28,6 +28,7 @@ __all__ = [
     "augment_crop_flip",
     "batches",
     "draw_calibration",
+    "fashion_mnist_counts",
     "load_fashion_mnist",
     "normalize",
     "read_idx",
@@ -100,6 +101,33 @@ def read_idx(path: Path, expected_ndim: int) -> np.ndarray:
             f"dataset file {path} is truncated or padded: header says {count} bytes, found {len(body)}; {_HOW_TO_GET}"
         )
     return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+def fashion_mnist_counts(root: Path) -> dict[str, int]:
+    """Samples per split from the four IDX headers alone (a check before any stage reads the files).
+
+    Raises:
+        DataError: a file is missing, not gzip or not IDX, or a split's images and labels disagree.
+    """
+    counts = {}
+    for split, names in FASHION_MNIST_FILES.items():
+        sizes = []
+        for name, ndim in zip(names, (3, 1), strict=True):
+            path = Path(root) / name
+            if not path.is_file():
+                raise DataError(f"dataset file not found: {path}; {_HOW_TO_GET}")
+            try:
+                with gzip.open(path, "rb") as fh:
+                    head = fh.read(8)
+            except (OSError, EOFError) as exc:
+                raise DataError(f"dataset file {path} is not a readable gzip file ({exc}); {_HOW_TO_GET}") from None
+            if len(head) < 8 or head[:2] != b"\0\0" or head[2] != 0x08 or head[3] != ndim:
+                raise DataError(f"dataset file {path} is not an IDX file of {ndim}-d unsigned bytes; {_HOW_TO_GET}")
+            sizes.append(struct.unpack(">I", head[4:8])[0])
+        if sizes[0] != sizes[1]:
+            raise DataError(f"{Path(root) / names[0]} and {names[1]} disagree on the sample count; {_HOW_TO_GET}")
+        counts[split] = sizes[0]
+    return counts
 
 
 def load_fashion_mnist(root: Path, split: str) -> LabelledImages:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import io
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -59,6 +60,8 @@ __all__ = [
     "compare_logits",
     "export_onnx",
     "onnx_logits",
+    "onnx_session",
+    "onnx_session_logits",
     "plain_state_dict",
     "quant_table",
     "tensor_quants",
@@ -436,6 +439,20 @@ def onnx_logits(
         optimize: onnxruntime's default graph optimisations (QDQ groups fused into integer kernels);
             ``False`` runs the graph node by node, which reproduces PyTorch's float arithmetic.
     """
+    inputs = (preprocess(images) for images, _ in batches(data, batch_size))
+    return onnx_session_logits(model_bytes, inputs, optimize)
+
+
+def onnx_session_logits(model_bytes: bytes, inputs: Iterable[torch.Tensor], optimize: bool = True) -> torch.Tensor:
+    """Logits of an ONNX model under onnxruntime's CPU execution provider over batches of float inputs
+    (``optimize`` as in :func:`onnx_logits`)."""
+    session = onnx_session(model_bytes, optimize)
+    return torch.cat([session(x) for x in inputs]).float()
+
+
+def onnx_session(model_bytes: bytes, optimize: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+    """An onnxruntime CPU session of the model as a function of one float input batch to its logits
+    (``optimize`` as in :func:`onnx_logits`)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -445,11 +462,11 @@ def onnx_logits(
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    out = []
-    for images, _ in batches(data, batch_size):
-        x = preprocess(images).numpy()
-        out.append(torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x})[0]))
-    return torch.cat(out).float()
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.detach().float().cpu().numpy()})[0]).float()
+
+    return run
 
 
 def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

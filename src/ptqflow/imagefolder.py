@@ -44,6 +44,7 @@ __all__ = [
     "ImageIndex",
     "calibration_crops",
     "eval_crop",
+    "image_folder_classes",
     "normalize_channels",
     "random_resized_crop_box",
     "read_rgb",
@@ -119,11 +120,11 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def scan_image_folder(root: Path, split: str) -> ImageIndex:
-    """Index ``root/split/<class>/...`` (files in sub-folders of a class folder count too).
+def image_folder_classes(root: Path, split: str) -> tuple[str, ...]:
+    """The sorted class folder names of ``root/split`` (no image is listed: cheap on ImageNet).
 
     Raises:
-        DataError: the split folder is missing, has no class folders, or a class has no images.
+        DataError: the split folder is missing or has no class folders.
     """
     folder = Path(root) / split
     layout = f"expected {Path(root)}/{split}/<class>/<image> (an ImageNet-style folder)"
@@ -132,6 +133,17 @@ def scan_image_folder(root: Path, split: str) -> ImageIndex:
     classes = tuple(sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")))
     if not classes:
         raise DataError(f"no class folders in {folder}; {layout}")
+    return classes
+
+
+def scan_image_folder(root: Path, split: str) -> ImageIndex:
+    """Index ``root/split/<class>/...`` (files in sub-folders of a class folder count too).
+
+    Raises:
+        DataError: the split folder is missing, has no class folders, or a class has no images.
+    """
+    classes = image_folder_classes(root, split)
+    folder = Path(root) / split
     files: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(classes):

@@ -40,6 +40,7 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.models.vision_transformer import VisionTransformer
 from torchvision.ops.misc import Conv2dNormActivation
 
+from ptqflow.atomic import safe_load_failure
 from ptqflow.errors import ModelError
 
 __all__ = [
@@ -286,8 +287,9 @@ def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, ... for bad files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"weights file {path} cannot be loaded safely (weights_only=True): {first}") from None
+        raise ModelError(
+            f"weights file {path} cannot be loaded safely (weights_only=True): {safe_load_failure(path, exc)}"
+        ) from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if key in obj and isinstance(obj[key], dict):

@@ -567,9 +567,19 @@ def _stage_args(stage: str, ws: Path, case: Path) -> dict[str, str]:
     }[stage]
 
 
+#: base.model_code of the workspace: the embedded models' file, wherever the tests run from.
+MODEL_CODE = str(Path(__file__).resolve().parents[2] / "src" / "ptqflow" / "models.py")
+
+
 def _base_params(ws: Path) -> dict[str, Any]:
     return {
-        "base": {"model": "resnet20", "weights": str(ws / "r20.pt"), "seed": 0, "device": "cpu"},
+        "base": {
+            "model": "resnet20",
+            "weights": str(ws / "r20.pt"),
+            "seed": 0,
+            "device": "cpu",
+            "model_code": MODEL_CODE,
+        },
         "prepare": {"data_root": str(ws / "fm"), "calib_size": 16, "seed": 1},
         "features": {"batch_size": 16, "chunk_size": 4, "shard_size": 8},
         "quantize": {"bits": {"w2a4": {"weight_bits": 2, "act_bits": 4}}, "calib_size": 16},
@@ -849,3 +859,47 @@ def test_code_in_a_file_never_runs(case: Case, workspace: Path, tmp_path: Path) 
     for output in OUTPUTS[case.stage]:
         if output != "out/reconstruct.resume":
             assert not (tmp_path / output).exists(), output
+
+
+#: Cases of the catalogue that only the stage itself can find: their problem is in data a stage writes
+#: (the search front), or in the body of a dataset file (check reads headers, not 60,000 images).
+FOUND_BY_THE_STAGE_ONLY = {"budget-below-minimum", "budget-size-below-minimum", "idx-cut-gzip", "idx-truncated"}
+#: Where check words it differently (it sees the params, not the stage's inputs).
+CHECK_SAYS = {
+    "fisher-without-grads": "reconstruct.loss: fisher needs the FP output gradients, and features.grads is false",
+    "sens-fisher-without-grads": "sensitivity.metric: fisher needs the FP output gradients, and features.grads is",
+    "target-unknown": "reconstruct.targets: 'w3a3' is not a quantize.bits entry or selected model; allowed:",
+    "idx-count-mismatch": "train-labels-idx1-ubyte.gz disagree on the sample count",
+}
+PARAMS_CASES = [c for c in CASES if c.id not in FOUND_BY_THE_STAGE_ONLY]
+
+
+@pytest.mark.parametrize("case", PARAMS_CASES, ids=lambda c: c.id)
+def test_check_finds_it_before_any_stage(case: Case, workspace: Path, tmp_path: Path) -> None:
+    """The pipeline's first stage, ``check``, stops on every bad params value or params-named file of the
+    catalogue with the stage's own line, so under ``dvc repro`` no other stage's outputs are removed first.
+    Cases whose problem is in a stage's input (a store, a model folder: a CLI option) pass the check."""
+    overrides = case.setup(workspace, tmp_path) if case.setup else {}
+    params = tmp_path / "params.yaml"
+    params.write_text(_params_text(workspace, tmp_path, case.params))
+    if "--params" in overrides:
+        params = Path(overrides.pop("--params"))
+    before = _snapshot(tmp_path)
+    code, out, _ = _invoke(["--params", str(params), "check", "--out", str(tmp_path / "out" / "check")])
+    if overrides:  # a stage input given on the command line: not the check's business
+        assert code == 0, out
+        return
+    lines = [line for line in out.splitlines() if line.strip()]
+    expect = CHECK_SAYS.get(case.id, case.expect).replace("{case}", str(tmp_path))
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("Error: ") and expect in lines[0], out
+    assert _snapshot(tmp_path) == before and not (tmp_path / "out").exists()
+
+
+def test_check_passes_good_params_and_warns_about_small_calibration(workspace: Path, tmp_path: Path) -> None:
+    text = _params_text(workspace, tmp_path, {"quantize": {"calib_size": 256}, "reconstruct": {"batch_size": 32}})
+    (tmp_path / "params.yaml").write_text(text)
+    code, out, _ = _invoke(["--params", str(tmp_path / "params.yaml"), "check", "--out", str(tmp_path / "check")])
+    assert code == 0, out
+    assert "quantize.calib_size is 256 but prepare.calib_size is 16: all 16 images are used" in out
+    assert "reconstruct.batch_size is 32 but prepare.calib_size is 16" in out
+    assert json.loads((tmp_path / "check" / "check.json").read_text()) == {"sections": sorted(_base_params(workspace))}

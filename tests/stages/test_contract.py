@@ -34,8 +34,31 @@ def _sections_read(module: Path) -> set[str]:
 
 
 @pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_check_stage_comes_first_and_declares_every_section(pipeline: Path) -> None:
+    """``check`` validates every section before any other stage's outputs are removed: it declares whole
+    sections (so a new, mistyped key reruns it), all the code, and ``prepare`` (so every stage) follows it."""
+    stages = _stages(pipeline)
+    if "prepare" not in stages:
+        pytest.skip("the training pipeline has no check stage")
+    check = stages["check"]
+    params = yaml.safe_load((pipeline.parent / "params.yaml").read_text())
+    assert check["params"] == list(params), "check must declare every section of the params file, whole"
+    deps = {str((pipeline.parent / d).resolve().relative_to(ROOT)) for d in check["deps"]}
+    assert deps == {"stages", "src/ptqflow"}
+    assert check["cmd"] == "ptqflow check --out data/check" and check["outs"] == ["data/check"]
+    assert "data/check/check.json" in stages["prepare"]["deps"]
+    for name, stage in stages.items():
+        if name not in ("check", "prepare"):
+            assert any(d.startswith("data/") for d in stage["deps"]), f"{name} must follow prepare"
+        builds = any(d.endswith("src/ptqflow/models.py") for d in stage["deps"])
+        assert builds == ("${base.model_code}" in stage["deps"]), f"{name}: a stage building the model tracks its code"
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=lambda p: str(p.relative_to(ROOT)))
 def test_stages_declare_their_code_and_params(pipeline: Path) -> None:
     for name, stage in _stages(pipeline).items():
+        if name == "check":
+            continue  # its own test above
         module = f"stages/{name}.py"
         deps = [str((pipeline.parent / d).resolve().relative_to(ROOT)) for d in stage["deps"] if "${" not in d]
         assert module in deps, f"{pipeline.name}:{name} must depend on {module}"

@@ -48,6 +48,7 @@ def test_every_memory_mode_reconstructs_the_same_bytes(repo: Path, tmp_path: Pat
 def test_repro_reruns_only_what_changed(repo: Path, cold_run: ColdRun) -> None:
     log = cold_run.log  # the session's cold run of this repo (conftest.py)
     assert _ran(log) == [
+        "check",
         "evaluate",
         "export",
         "features",
@@ -76,28 +77,26 @@ def test_repro_reruns_only_what_changed(repo: Path, cold_run: ColdRun) -> None:
     assert _ran(_run(["dvc", "repro"], repo)) == []  # no-op
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["base"]["threads"] = "auto"  # not a declared param: outputs are the same bytes for any count
-    params["base"]["memory"] = "stream"  # nor this: every mode gives the same bytes (test above)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_run(["dvc", "repro"], repo)) == []
-
+    params["base"]["threads"] = "auto"  # not a declared param of any computing stage: the same bytes for any
+    params["base"]["memory"] = "stream"  # count and any mode (test above); only the check sees the whole section
     params["evaluate"]["topk"] = [1, 3]  # a reporting key: only the cheap half reruns
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate"]
+    assert _ran(_run(["dvc", "repro"], repo)) == ["check", "evaluate"]
     assert set(json.loads((repo / "metrics/evaluate.json").read_text())["fp"]) == {"top1", "top3", "size_mb"}
 
     params["reconstruct"]["iters"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate", "export", "predict", "reconstruct"]  # not features
+    assert _ran(_run(["dvc", "repro"], repo)) == ["check", "evaluate", "export", "predict", "reconstruct"]
 
     params["select"]["budget"]["value"] = 2.0  # the all-2-bit point: search and sensitivity are not rerun
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_run(["dvc", "repro"], repo)) == ["evaluate", "export", "predict", "reconstruct", "select"]
+    assert _ran(_run(["dvc", "repro"], repo)) == ["check", "evaluate", "export", "predict", "reconstruct", "select"]
 
     params["quantize"]["bits"]["w3a4"]["act_bits"] = 3
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # search is not rerun: the act bits move only the ModCap file, not the loss tables it reads
     assert _ran(_run(["dvc", "repro"], repo)) == [
+        "check",
         "evaluate",
         "export",
         "plan",
@@ -119,3 +118,63 @@ def test_cold_reruns_are_byte_identical(repo: Path) -> None:
     first = _lock_without_timing(repo)
     _run(["dvc", "repro", "--force"], repo)
     assert _lock_without_timing(repo) == first
+
+
+def _outputs(repo: Path) -> dict[str, bytes]:
+    """Every output file of the pipeline in the workspace (data/, metrics/, plots/), by path."""
+    files = [p for top in ("data", "metrics", "plots") for p in sorted((repo / top).rglob("*")) if p.is_file()]
+    return {str(p.relative_to(repo)): p.read_bytes() for p in files if not p.is_relative_to(repo / "data" / "check")}
+
+
+def test_a_params_typo_or_a_missing_file_loses_no_output(repo: Path) -> None:
+    """DVC removes a stage's outputs right before running it; the check stage runs first and stops the run
+    on a mistyped key, a bad value or a missing weights file, so every output stays in place and the line
+    the user reads is ptqflow's (with its hint), not DVC's ``[Errno 2]``."""
+    good = (repo / "params.yaml").read_text()
+    before = _outputs(repo)
+    assert any(k.startswith("data/reconstruct/") for k in before) and "metrics/timing.json" in before
+    for section, key, value, says in (
+        ("reconstruct", "iter", 300, "unknown key reconstruct.iter; did you mean 'iters'?"),
+        ("base", "weights", "weights/missing.pt", "weights file not found: weights/missing.pt; for resnet20,"),
+    ):
+        params = yaml.safe_load(good)
+        params[section][key] = value
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        log = run(["dvc", "repro"], repo, check=False)
+        assert _ran(log) == ["check"] and says in log, log
+        assert "Errno" not in log
+        assert _outputs(repo) == before, f"{section}.{key}: an output was removed or changed"
+    (repo / "params.yaml").write_text(good)
+    assert _ran(_run(["dvc", "repro"], repo)) == []  # the check's output comes back from DVC's run cache
+    assert (repo / "data/check/check.json").is_file()
+
+
+@pytest.mark.slow  # the installed layout's twin runs by default: tests/stages/test_init.py
+def test_editing_an_entry_point_model_reruns_what_it_builds(repo: Path) -> None:
+    """A user's model named by an entry point is a tracked dependency (``base.model_code``): editing its
+    source reruns features and every later stage that builds the model; the check refuses a
+    ``model_code`` that does not hold the entry point's module."""
+    good = (repo / "params.yaml").read_text()
+    (repo / "usernets.py").write_text(
+        "from ptqflow.models import build_model\n\n\ndef resnet20():\n    return build_model('resnet20')\n"
+    )
+    params = yaml.safe_load(good)
+    params["base"].update(model="usernets:resnet20", model_code="src/ptqflow/models.py")
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {"PYTHONPATH": str(repo)}
+    log = run(["dvc", "repro", "features"], repo, check=False, env=env)
+    assert "base.model_code: src/ptqflow/models.py does not hold usernets (usernets.py)" in log, log
+    params["base"]["model_code"] = "usernets.py"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert _ran(run(["dvc", "repro", "features"], repo, env=env)) == ["check", "features"]
+    with (repo / "usernets.py").open("a") as fh:
+        fh.write("# edited\n")
+    status = run(["dvc", "status"], repo, env=env)
+    builders = ["features", "quantize", "sensitivity", "select", "reconstruct", "predict", "export"]
+    for stage in builders:
+        block = status.split(f"{stage}:\n", 1)[1].split("\n\n", 1)[0] if f"{stage}:\n" in status else ""
+        assert "usernets.py" in block, (stage, status)
+    assert _ran(run(["dvc", "repro", "features"], repo, env=env)) == ["features"]
+    (repo / "params.yaml").write_text(good)
+    (repo / "usernets.py").unlink()
+    assert _ran(_run(["dvc", "repro"], repo)) == []  # back to the cold run's params and code: all run-cached

@@ -75,7 +75,7 @@ def team(tmp_path_factory: pytest.TempPathFactory, cold_run: ColdRun) -> Team:
     committed = _outputs(a)
 
     write_params(a, _variant(data_root))
-    assert ran_stages(run(["dvc", "repro"], a)) == ["evaluate", "export", "predict", "reconstruct"]
+    assert ran_stages(run(["dvc", "repro"], a)) == ["check", "evaluate", "export", "predict", "reconstruct"]
     variant = _outputs(a)
     out = run(["ptqflow", "share"], a)
     assert "more objects that run entries reference" in out

@@ -35,3 +35,25 @@ def not_a_module() -> object:
 def raises() -> nn.Module:
     """A broken factory (raises)."""
     raise RuntimeError("no weights for you")
+
+
+class _Head(nn.Module):
+    """A one-conv net with ``classes`` outputs on ``channels``-channel images."""
+
+    def __init__(self, channels: int, classes: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 8, 3, padding=1)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def three_outputs() -> nn.Module:
+    """Grey images, three outputs (fewer than Fashion-MNIST's ten classes)."""
+    return _Head(1, 3)
+
+
+def rgb_ten_outputs() -> nn.Module:
+    """RGB images, ten outputs (more than a three-class image folder has)."""
+    return _Head(3, 10)

@@ -15,6 +15,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from ptqflow.atomic import safe_load_failure
 from ptqflow.errors import ConfigError, ModelError
 from ptqflow.fold import fold_bn
 from ptqflow.ops import OpKind, averages, classify_function, classify_method, classify_node
@@ -375,6 +376,7 @@ def load_quant_file(path: Path, build_fp: Callable[[str], nn.Module]) -> tuple[Q
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt zip, pickle payload, truncated file
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelError(f"{path} cannot be loaded safely (weights_only=True): {first}") from None
+        raise ModelError(
+            f"{path} cannot be loaded safely (weights_only=True): {safe_load_failure(path, exc)}"
+        ) from None
     return load_quant_model(payload, build_fp, str(path))
