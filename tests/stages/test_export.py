@@ -71,3 +71,32 @@ def test_export_writes_checked_artifacts_deterministically(workspace: Path) -> N
 
 
 # Bad export params and model files: tests/stages/test_bad_input.py (the catalogue's export-* cases).
+
+
+def test_export_checks_on_an_image_folder(tmp_path: Path) -> None:
+    """A user's image folder (prepare's test.json index, streamed with --images): the same checked
+    artifacts, the input's preprocessing (mean, std, resize, crop) recorded for the runtime."""
+    from helpers import write_fake_image_folder
+
+    from stages import prepare
+
+    root = write_fake_image_folder(tmp_path / "images", classes=3, train_per_class=2, val_per_class=2)
+    params = {"prepare": {"dataset": "imagefolder", "data_root": str(root), "calib_size": 4, "image_size": 16,
+                          "resize_size": 18}}  # fmt: skip
+    prepare.run(params, tmp_path / "prep")
+    torch.manual_seed(0)
+    fp = randomize_bn(build_model("torchvision.mobilenet_v3_small"))
+    config = QuantConfig(weight_bits=4, act_bits=4)
+    model = calibrate_on(build_quant_model(fp, config), torch.randn(2, 3, 16, 16))
+    atomic_save_torch(quant_payload(model, "torchvision.mobilenet_v3_small", config), tmp_path / "m" / "w4a4.pt")
+    (tmp_path / "params.yaml").write_text(PARAMS)
+    args = ["--params", str(tmp_path / "params.yaml"), "export", "--models", str(tmp_path / "m"), "--test",
+            str(tmp_path / "prep" / "test.json"), "--images", str(root), "--out", str(tmp_path / "out"),
+            "--metrics", str(tmp_path / "out.json")]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "out.json").read_text())
+    assert metrics["samples"] == 6 and metrics["w4a4"]["agreement"] >= 99.5
+    table = json.loads((tmp_path / "out" / "w4a4.json").read_text())
+    assert table["input"]["shape"] == ["batch", 3, 16, 16]
+    assert table["input"]["preprocess"]["crop"] == 16 and len(table["input"]["preprocess"]["mean"]) == 3

@@ -79,10 +79,8 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_fake_image_folder(tmp_path_factory.mktemp("images"), classes=3, train_per_class=4, val_per_class=2)
 
 
-def test_an_initialised_repo_runs_and_reruns_only_what_changed(tmp_path: Path, images: Path) -> None:
-    """init in a fresh git repo with an entry-point model of the repo, `dvc repro` (every stage, mixed
-    precision and export on the image folder), a params edit reruns only its downstream, an edit of the
-    model's source reruns every stage that builds the model (through the check stage's fingerprints)."""
+def _initialised(tmp_path: Path, images: Path) -> tuple[Path, dict[str, Any]]:
+    """A fresh git repo with an entry-point model of its own, after ``ptqflow init``, params shrunk."""
     repo = _git_repo(tmp_path / "repo")
     (repo / "nets").mkdir()
     (repo / "nets" / "__init__.py").write_text("")
@@ -110,7 +108,30 @@ def test_an_initialised_repo_runs_and_reruns_only_what_changed(tmp_path: Path, i
     params["export"]["batch_size"] = 3
     params["evaluate"]["topk"] = [1]
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return repo, params
 
+
+def test_an_initialised_repo_runs_its_first_stages_and_follows_the_model_code(tmp_path: Path, images: Path) -> None:
+    """The default run's share of the end-to-end test below (its first three stages): a params edit that is
+    not upstream of a stage leaves it alone, one that is reruns it, and so does an edit of the model's
+    source (through the check stage's fingerprints)."""
+    repo, params = _initialised(tmp_path, images)
+    assert ran_stages(run(["dvc", "repro", "features"], repo)) == ["check", "features", "prepare"]
+    assert ran_stages(run(["dvc", "repro", "features"], repo)) == ["check"]
+    params["quantize"]["p"] = 2.0  # downstream of features only
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran_stages(run(["dvc", "repro", "features"], repo)) == ["check"]
+    with (repo / "nets" / "cnn.py").open("a") as fh:
+        fh.write("# edited\n")
+    assert ran_stages(run(["dvc", "repro", "features"], repo)) == ["check", "features"]  # not prepare
+
+
+@pytest.mark.slow  # about 90 s: bench/installed_project.sh measures the same from a wheel
+def test_an_initialised_repo_runs_and_reruns_only_what_changed(tmp_path: Path, images: Path) -> None:
+    """init in a fresh git repo with an entry-point model of the repo, `dvc repro` (every stage, mixed
+    precision and export on the image folder), a params edit reruns only its downstream, an edit of the
+    model's source reruns every stage that builds the model (through the check stage's fingerprints)."""
+    repo, params = _initialised(tmp_path, images)
     assert ran_stages(run(["dvc", "repro"], repo)) == sorted(FULL)
     metrics = yaml.safe_load((repo / "metrics" / "export.json").read_text())
     assert metrics["samples"] == 6 and {"w2a4", "mp"} <= set(metrics)

@@ -9,6 +9,9 @@ import pytest
 import yaml
 from tiny_repo import ColdRun, lock_without_timing, ran_stages, run
 
+#: One worker runs every user of the session's cold run (pytest-xdist --dist loadgroup): it is computed once.
+pytestmark = pytest.mark.xdist_group("cold_run")
+
 
 def _run(cmd: list[str], cwd: Path) -> str:
     return run(cmd, cwd)
@@ -84,10 +87,7 @@ def test_repro_reruns_only_what_changed(repo: Path, cold_run: ColdRun) -> None:
     assert _ran(_run(["dvc", "repro"], repo)) == ["check", "evaluate"]
     assert set(json.loads((repo / "metrics/evaluate.json").read_text())["fp"]) == {"top1", "top3", "size_mb"}
 
-    params["reconstruct"]["iters"] = 3
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert _ran(_run(["dvc", "repro"], repo)) == ["check", "evaluate", "export", "predict", "reconstruct"]
-
+    params["reconstruct"]["iters"] = 3  # not features, quantize, sensitivity, search or plan
     params["select"]["budget"]["value"] = 2.0  # the all-2-bit point: search and sensitivity are not rerun
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert _ran(_run(["dvc", "repro"], repo)) == ["check", "evaluate", "export", "predict", "reconstruct", "select"]
