@@ -9,9 +9,6 @@ import pytest
 import yaml
 from tiny_repo import ColdRun, lock_without_timing, ran_stages, run
 
-#: One worker runs every user of the session's cold run (pytest-xdist --dist loadgroup): it is computed once.
-pytestmark = pytest.mark.xdist_group("cold_run")
-
 
 def _run(cmd: list[str], cwd: Path) -> str:
     return run(cmd, cwd)

@@ -23,9 +23,6 @@ import pytest
 import yaml
 from tiny_repo import ROOT, ColdRun, lock_without_timing, make_tiny_repo, ran_stages, run, tiny_params, write_params
 
-#: One worker runs every user of the session's cold run (pytest-xdist --dist loadgroup): it is computed once.
-pytestmark = pytest.mark.xdist_group("cold_run")
-
 STAGES = sorted(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])  # a cold run runs every stage
 
 
