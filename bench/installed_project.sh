@@ -34,25 +34,7 @@ rm -rf project images && git init -q -b main project && cd project
 git config user.email user@example.invalid && git config user.name user
 mkdir nets weights
 touch nets/__init__.py
-cat > nets/cnn.py <<'EOF'
-import torch
-from torch import nn
-
-
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
-        self.block = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
-        self.fc = nn.Linear(16, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.block(self.stem(x)).mean(dim=(2, 3)))
-
-
-def build() -> nn.Module:
-    return Net()
-EOF
+cp "$REPO/tests/support/user_project_net.py" nets/cnn.py  # the same model file as tests/stages/test_init.py
 python - <<'EOF'
 import sys
 from pathlib import Path

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 from helpers import write_fake_fashion_mnist
-from tiny_repo import copy_pipeline
+from tiny_repo import copy_pipeline, run_queue
 
 from ptqflow.models import build_model
 
@@ -58,13 +58,7 @@ def test_two_queue_workers_keep_their_outputs_apart(tmp_path: Path) -> None:
     for name, bits in variants.items():
         _run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"quantize.bits.w2a4.weight_bits={bits}"], repo)
     began = time.monotonic()
-    _run(["dvc", "queue", "start", "-j", "2"], repo)
-    while True:
-        status = _run(["dvc", "queue", "status"], repo)
-        if not any(word in status for word in ("Queued", "Running")):
-            break
-        assert time.monotonic() - began < 1800, status
-        time.sleep(5)
+    status = run_queue(repo, 2)
     print(f"queue of 2 experiments with -j 2: {time.monotonic() - began:.0f} s\n{status}")
     assert status.count("Success") == 2, status
 

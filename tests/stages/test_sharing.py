@@ -84,6 +84,7 @@ def team(author: Author, cold_run: ColdRun) -> Team:
     root, a, shared_cache = author
     data_root, remote = cold_run.data_root, root / "remote"
     run(["dvc", "remote", "add", "-d", "team", str(remote)], a)
+    run(["git", "commit", "-q", "-am", "the team's remote"], a)  # clones find it in .dvc/config
     run(["dvc", "push", "--run-cache"], a)
     committed = _outputs(a)
 

@@ -9,26 +9,18 @@ git server and object store would be.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 import yaml
-from tiny_repo import ColdRun, make_tiny_repo, ran_stages, run
+from tiny_repo import ColdRun, make_tiny_repo, ran_stages, run, run_queue
 
 
 def _queue(repo: Path, names: dict[str, int]) -> None:
     """Queue one experiment per ``name -> reconstruct.iters`` and run this machine's queue to the end."""
     for name, iters in names.items():
         run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"reconstruct.iters={iters}"], repo)
-    run(["dvc", "queue", "start", "-j", "1"], repo)
-    began = time.monotonic()
-    while True:
-        status = run(["dvc", "queue", "status"], repo)
-        if not any(word in status for word in ("Queued", "Running")):
-            break
-        assert time.monotonic() - began < 900, status
-        time.sleep(2)
+    status = run_queue(repo, 1, limit_s=900)
     assert status.count("Success") == len(names), status
     run(["dvc", "queue", "stop"], repo, check=False)
 

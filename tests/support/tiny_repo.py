@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,18 @@ def run(cmd: list[str], cwd: Path, check: bool = True, env: dict[str, str] | Non
     if check:
         assert result.returncode == 0, f"{cmd} failed in {cwd}:\n{result.stdout}\n{result.stderr}"
     return result.stdout + result.stderr
+
+
+def run_queue(repo: Path, workers: int, limit_s: float = 1800) -> str:
+    """``dvc queue start -j workers`` and wait until nothing is queued or running; return the last status."""
+    run(["dvc", "queue", "start", "-j", str(workers)], repo)
+    began = time.monotonic()
+    while True:
+        status = run(["dvc", "queue", "status"], repo)
+        if not any(word in status for word in ("Queued", "Running")):
+            return status
+        assert time.monotonic() - began < limit_s, status
+        time.sleep(2)
 
 
 def ran_stages(log: str) -> list[str]:
