@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from ptqflow.errors import ConfigError
-from stages.template import FULL, UNIFORM, Pipeline, render
+from stages.template import FULL, FULL_DISPLAY_PLOTS, UNIFORM, Pipeline, render
 
 __all__ = ["PRESETS", "run"]
 
@@ -120,7 +120,8 @@ def run(
         params = _user_params(model, weights, _data_option(data), image_size)
         stages = FULL
     sections = list(yaml.safe_load(params))
-    pipeline = Pipeline("imagefolder", stages, _HEADER.format(version=version or "?"))
+    display = FULL_DISPLAY_PLOTS if stages == FULL else ()
+    pipeline = Pipeline("imagefolder", stages, _HEADER.format(version=version or "?"), display)
     files = {target / "dvc.yaml": render(pipeline, sections, "installed"), target / "params.yaml": params}
     existing = [p.name for p in files if p.exists()]
     if existing and not force:

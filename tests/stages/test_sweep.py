@@ -51,7 +51,8 @@ def test_queued_sweep_shares_upstream_and_reports_top1_size_seconds(tmp_path: Pa
     for name in names:
         logs = run(["dvc", "queue", "logs", name], repo)
         ran = {line.split("'")[1] for line in logs.splitlines() if line.startswith("Running stage")}
-        assert ran == {"quantize", "reconstruct", "predict", "evaluate"}, (name, ran)  # never prepare/features
+        # never prepare/features; what else reruns depends on which inputs' bytes a grid point changes
+        assert {"quantize", "reconstruct", "predict", "evaluate"} <= ran and not ran & {"prepare", "features"}, ran
 
     table = list(csv.DictReader(io.StringIO(run(["dvc", "exp", "show", "--csv"], repo))))
     experiments = [row for row in table if row["Experiment"] in names]
