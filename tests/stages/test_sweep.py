@@ -51,8 +51,9 @@ def test_queued_sweep_shares_upstream_and_reports_top1_size_seconds(tmp_path: Pa
     for name in names:
         logs = run(["dvc", "queue", "logs", name], repo)
         ran = {line.split("'")[1] for line in logs.splitlines() if line.startswith("Running stage")}
-        # never prepare/features; what else reruns depends on which inputs' bytes a grid point changes
-        assert {"quantize", "reconstruct", "predict", "evaluate"} <= ran and not ran & {"prepare", "features"}, ran
+        # never prepare/features; what else runs depends on which inputs' bytes a grid point changes and on
+        # what another worker already put in the run-cache (the two brecq/qdrop points share quantize)
+        assert {"reconstruct", "predict", "evaluate"} <= ran and not ran & {"prepare", "features"}, (name, ran)
 
     table = list(csv.DictReader(io.StringIO(run(["dvc", "exp", "show", "--csv"], repo))))
     experiments = [row for row in table if row["Experiment"] in names]
