@@ -43,7 +43,7 @@ from stages.quantize import QuantizeConfig
 from stages.reconstruct import ReconstructConfig
 from stages.search import SearchStageConfig
 from stages.select import SelectConfig
-from stages.template import STAGES, code_fingerprint
+from stages.template import STAGES, code_fingerprint, entry_point_origin
 
 log = logging.getLogger("ptqflow")
 
@@ -234,11 +234,7 @@ def _check_model_code(base: BaseConfig) -> None:
     if ":" not in base.model:
         return
     module = base.model.partition(":")[0]
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        spec = None
-    origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
+    origin = entry_point_origin(base.model)
     if origin is None or not origin.is_relative_to(Path.cwd().resolve()):
         return  # an installed package: its version, not a file of this project, decides what it builds
     where = code.resolve()

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ptqflow.atomic import atomic_dir, atomic_save_torch, atomic_write_bytes, atomic_write_json
-from ptqflow.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, normalize
+from ptqflow.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, batches, normalize
 from ptqflow.errors import ConfigError, ExportError, ModelError
 from ptqflow.export import ExportConfig, compare_logits, export_onnx, onnx_session, plain_state_dict
 from ptqflow.imagefolder import normalize_channels
@@ -80,8 +80,8 @@ def _test_set(test: Path, images: Path | None, batch_size: int) -> tuple[TestBat
     data = load_split(test)
 
     def memory() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for start in range(0, len(data), batch_size):
-            yield normalize(data.images[start : start + batch_size]), data.labels[start : start + batch_size]
+        for images, labels in batches(data, batch_size):
+            yield normalize(images), labels
 
     pre = {"scale": 1 / 255, "mean": FASHION_MNIST_MEAN, "std": FASHION_MNIST_STD}
     return memory, pre, len(data)

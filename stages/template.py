@@ -482,6 +482,18 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def entry_point_origin(model: str) -> Path | None:
+    """The resolved file of an entry point's module (``package.module:factory``), without importing it;
+    ``None`` for a model name that is not an entry point or a module that cannot be found."""
+    if ":" not in model:
+        return None
+    try:
+        spec = importlib.util.find_spec(model.partition(":")[0])
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin).resolve() if spec is not None and spec.origin else None
+
+
 def model_source(model: str, project: Path) -> dict[str, str]:
     """What decides the FP model's architecture besides ptqflow: for an entry point ``package.module:factory``
     whose module lies in ``project``, the sha256 of every Python file of its top-level package (or of the
@@ -490,13 +502,9 @@ def model_source(model: str, project: Path) -> dict[str, str]:
     if ":" not in model:
         return {}
     module = model.partition(":")[0]
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.origin:
+    origin, root = entry_point_origin(model), project.resolve()
+    if origin is None:
         raise ConfigError(f"base.model {model!r}: module {module!r} cannot be found from {project}")
-    origin, root = Path(spec.origin).resolve(), project.resolve()
     if origin.is_relative_to(root):
         top = root / module.split(".")[0]
         files = _py_files(top) if top.is_dir() else [origin]
