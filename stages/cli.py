@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from ptqflow.errors import PtqflowError
+from stages.logs import configure_logging
 from stages.params import load_params
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -63,8 +64,6 @@ def _stage(func: F) -> F:
     exit 2, no traceback)."""
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from stages.common import configure_logging
-
         context = click.get_current_context().find_object(_Context)
         configure_logging(context.verbosity if context is not None else 0)
         try:
@@ -126,11 +125,29 @@ def check(ctx: _Context, out: Path | None, code: bool) -> None:
     The first stage of every pipeline: a typo or a missing file stops here, before DVC removes any other
     stage's outputs. Run it by hand too, e.g. before `dvc exp run --queue`.
     """
-    from stages import check as stage
+    from stages import check_memo
 
     if code and out is None:
         raise click.UsageError("--code needs --out")
+    memo, digest = None, ""
+    if out is not None:  # the DVC stage, run on every repro: torch-free when nothing it reads changed
+        memo = check_memo.memo_path(out)
+        try:
+            if memo is not None:
+                digest = check_memo.key(ctx.params_path.read_text(), load_params(ctx.params_path), out, code)
+        except (OSError, PtqflowError):
+            memo = None  # the full check words the problem
+    warnings = check_memo.replay(memo, digest, out) if memo is not None and out is not None else None
+    if warnings is not None:
+        for message in warnings:
+            log.warning("%s", message)
+        log.info("params and inputs checked (nothing they name changed since the last check)")
+        return
+    from stages import check as stage
+
     warnings = stage.run(ctx.params(), out, code)
+    if memo is not None and out is not None:
+        check_memo.record(memo, digest, out, warnings)
     log.info("params and inputs checked%s", f" ({len(warnings)} warnings)" if warnings else "")
 
 
@@ -436,13 +453,14 @@ def search(ctx: _Context, tables_path: Path, out: Path, plots: Path) -> None:
 @_path_option("--front", "front_path", default=Path("data/search/front.json"), help="Front written by search.")
 @_path_option("--rtn", "rtn_dir", default=Path("data/quantize"), help="Folder of RTN models written by quantize.")
 @_path_option("--out", default=Path("data/select"), help="Folder for the selected model and selection.json.")
+@_path_option("--plots", default=Path("plots/select"), help="Folder for selected.tsv (the chosen front point).")
 @pass_ctx
 @_stage
-def select_(ctx: _Context, front_path: Path, rtn_dir: Path, out: Path) -> None:
+def select_(ctx: _Context, front_path: Path, rtn_dir: Path, out: Path, plots: Path) -> None:
     """Pick the mixed-precision configuration for select.budget from the front (params: select.*)."""
     from stages import select as stage
 
-    record = stage.run(ctx.params(), front_path, rtn_dir, out)
+    record = stage.run(ctx.params(), front_path, rtn_dir, out, plots)
     log.info(
         "selected %.4g MiB, %.3g avg bits, %.4g GBitOPs, sensitivity %.4g",
         record["size_mb"],

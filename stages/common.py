@@ -22,6 +22,7 @@ from ptqflow.features import FeatureStore
 from ptqflow.imagefolder import ImageFolderDataset, ImageIndex, normalize_channels
 from ptqflow.kernels import keep_freed_memory, set_threads, use_kernels
 from ptqflow.models import build_model, load_weights
+from stages.logs import configure_logging
 from stages.params import BaseConfig, section
 
 __all__ = [
@@ -150,12 +151,6 @@ def resolve_device(name: str) -> torch.device:
 def seed_everything(seed: int) -> None:
     """Seed torch's global generators (stages also pass explicit generators where it matters)."""
     torch.manual_seed(seed)
-
-
-def configure_logging(verbosity: int) -> None:
-    """-1 quiet (warnings), 0 info, 1+ debug; plain lines on stderr."""
-    level = logging.WARNING if verbosity < 0 else logging.DEBUG if verbosity > 0 else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
 
 
 def _bar_disabled() -> bool | None:

@@ -21,7 +21,7 @@ from stages.params import section
 from stages.predict import LOGITS, MODELS
 
 #: Columns of plots/evaluate/models.tsv.
-PLOT_COLUMNS = ("model", "method", "config", "weight_bits", "act_bits", "size_mb", "top1")
+PLOT_COLUMNS = ("model", "method", "config", "weight_bits", "act_bits", "size_mb", "top1", "label")
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,8 @@ def run(params: dict[str, Any], predictions: Path, out: Path, plots: Path) -> di
         else:
             metrics[method] = {k: v for k, v in entry.items() if not k.endswith("_bits")}
         fields = (key.replace("/", " "), method, name or "fp32", entry["weight_bits"], entry["act_bits"])
-        rows.append("\t".join(str(v) for v in (*fields, entry["size_mb"], entry["top1"])))
+        label = f"{fields[0]} {entry['top1']}"  # named beside its point by the labelled template
+        rows.append("\t".join(str(v) for v in (*fields, entry["size_mb"], entry["top1"], label)))
     atomic_write_json(out, metrics)
     with atomic_dir(plots) as tmp:
         atomic_write_text(tmp / "models.tsv", "\n".join(rows) + "\n")

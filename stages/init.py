@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from ptqflow.errors import ConfigError
-from stages.template import FULL, FULL_DISPLAY_PLOTS, UNIFORM, Pipeline, render
+from stages.template import FULL, FULL_DISPLAY_PLOTS, PLOT_FILES, PLOT_PAGE, UNIFORM, Pipeline, render
 
 __all__ = ["PRESETS", "run"]
 
@@ -81,6 +81,16 @@ def _preset_params(preset: str, weights: str | None, data_root: str | None) -> s
     return text
 
 
+def _dvc(target: Path, *args: str) -> None:
+    """Run DVC of this interpreter's environment (the one ptqflow was installed with), PATH or not."""
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=target, capture_output=True, text=True, check=False
+    )
+    if result.returncode != 0:
+        message = (result.stderr or result.stdout).strip().splitlines() or ["no output"]
+        raise ConfigError(f"dvc {args[0]} failed in {target}: {message[-1]}")
+
+
 def run(
     target: Path,
     *,
@@ -123,7 +133,11 @@ def run(
     display = FULL_DISPLAY_PLOTS if stages == FULL else ()
     pipeline = Pipeline("imagefolder", stages, _HEADER.format(version=version or "?"), display)
     files = {target / "dvc.yaml": render(pipeline, sections, "installed"), target / "params.yaml": params}
+    plot_files: dict[Path, str] = {}
+    for name in PLOT_FILES:  # the labelled scatter template and the page with a charset, beside DVC's own
+        plot_files[target / ".dvc" / "plots" / name] = resources.files("stages.plots").joinpath(name).read_text()
     existing = [p.name for p in files if p.exists()]
+    existing += [str(p.relative_to(target)) for p, t in plot_files.items() if p.exists() and p.read_text() != t]
     if existing and not force:
         raise ConfigError(f"{', '.join(existing)} already exist in {target}; pass --force to overwrite")
     written = []
@@ -131,12 +145,11 @@ def run(
         path.write_text(text)
         written.append(path)
     if not (target / ".dvc").exists():
-        # DVC of this interpreter's environment (the one ptqflow was installed with), PATH or not
-        dvc = [sys.executable, "-m", "dvc", "init", "-q"]
-        result = subprocess.run(dvc, cwd=target, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise ConfigError(
-                f"dvc init failed in {target}: {(result.stderr or result.stdout).strip().splitlines()[-1]}"
-            )
         written.append(target / ".dvc")
+        _dvc(target, "init", "-q")
+    for path, text in plot_files.items():
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        written.append(path)
+    _dvc(target, "config", "plots.html_template", PLOT_PAGE)
     return written

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ptqflow.atomic import atomic_dir, atomic_save_torch, atomic_write_json
+from ptqflow.atomic import atomic_dir, atomic_save_torch, atomic_write_json, atomic_write_text
 from ptqflow.errors import ConfigError, ModelError
 from ptqflow.models import build_model
 from ptqflow.quant.model import load_quant_file, quant_payload, set_weight_bits
@@ -55,8 +56,18 @@ class SelectConfig:
             raise ConfigError(f"name may hold letters, digits, '_' and '-' only, got {self.name!r}")
 
 
-def run(params: dict[str, Any], front_path: Path, rtn_dir: Path, out: Path) -> dict[str, Any]:
-    """Select, build and write the mixed-precision model; return the selection record."""
+#: The selected point's table in the select stage's plots folder.
+SELECTED_PLOT = "selected.tsv"
+
+
+def run(
+    params: dict[str, Any], front_path: Path, rtn_dir: Path, out: Path, plots: Path | None = None
+) -> dict[str, Any]:
+    """Select, build and write the mixed-precision model; return the selection record.
+
+    ``plots/selected.tsv`` (when given) is the chosen front point as one labelled row, drawn over the search's
+    fronts by the pipeline's display plots.
+    """
     config = section(params, "select", SelectConfig)
     try:
         document = json.loads(Path(front_path).read_text())
@@ -89,7 +100,12 @@ def run(params: dict[str, Any], front_path: Path, rtn_dir: Path, out: Path) -> d
         "front": cost,
         **{k: point[k] for k in ("sensitivity", "size_mb", "avg_bits", "bitops", "bits")},
     }
-    with atomic_dir(out) as tmp:
+    label = f"selected: {config.name} ({config.budget.kind} <= {config.budget.value:g})"
+    row = (point["size_mb"], point["avg_bits"], point["bitops"], point["sensitivity"], 1, label)
+    table = "size_mb\tavg_bits\tbitops\tsensitivity\tselected\tlabel\n" + "\t".join(map(str, row)) + "\n"
+    with atomic_dir(out) as tmp, atomic_dir(plots) if plots is not None else nullcontext() as tmp_plots:
         atomic_save_torch(quant_payload(model, model_name, qconfig), tmp / f"{config.name}.pt")
         atomic_write_json(tmp / "selection.json", record)
+        if tmp_plots is not None:
+            atomic_write_text(tmp_plots / SELECTED_PLOT, table)
     return record

@@ -78,6 +78,14 @@ def _lib(*names: str) -> tuple[str, ...]:
 #: decomposition too.
 _PLACE = _lib("kernels.py", "attention.py", "ops.py")
 _UNCACHED = {"cache": False}
+#: Custom DVC plot templates (``.dvc/plots/<name>.json``, shipped in ``stages/plots``): ``labelled`` is DVC's
+#: scatter with each row's ``label`` column beside its point and rows with ``selected`` = 1 filled red (the
+#: search fronts and the selected point); ``models`` colours one point per model by its ``label`` (legend).
+LABELLED, MODELS = "labelled", "models"
+#: The files ``init`` puts into a project's ``.dvc/plots`` (the checkout holds them as symlinks).
+PLOT_FILES = ("labelled.json", "models.json", "page.html")
+#: ``plots.html_template``, relative to ``.dvc``: DVC's page with a charset (Vega's minus sign is U+2212).
+PLOT_PAGE = "plots/page.html"
 
 STAGES: dict[str, StageSpec] = {
     "check": StageSpec(
@@ -141,38 +149,19 @@ STAGES: dict[str, StageSpec] = {
         data=("data/sensitivity/tables.json",),
         code=(*_lib("search.py", "sensitivity.py"), "stages/search.py"),
         params=("search",),
-        outs=("data/search",),
-        plots=(
-            {
-                "plots/search/front.tsv": {
-                    **_UNCACHED,
-                    "template": "scatter",
-                    "x": "size_mb",
-                    "y": "sensitivity",
-                    "title": "Mixed-precision Pareto front (size MB vs summed sensitivity)",
-                    "x_label": "size (MB)",
-                    "y_label": "summed sensitivity",
-                }
-            },
-            {
-                "plots/search/front_bitops.tsv": {
-                    **_UNCACHED,
-                    "template": "scatter",
-                    "x": "bitops",
-                    "y": "sensitivity",
-                    "title": "Mixed-precision Pareto front (GBitOPs vs summed sensitivity)",
-                    "x_label": "GBitOPs",
-                    "y_label": "summed sensitivity",
-                }
-            },
+        # The fronts are drawn by the display plots, over the point the select stage picks.
+        outs=(
+            "data/search",
+            {"plots/search/front.tsv": dict(_UNCACHED)},
+            {"plots/search/front_bitops.tsv": dict(_UNCACHED)},
         ),
     ),
     "select": StageSpec(
-        cmd="ptqflow select --front data/search/front.json --rtn data/quantize --out data/select",
+        cmd="ptqflow select --front data/search/front.json --rtn data/quantize --out data/select --plots plots/select",
         data=("data/search/front.json", "data/quantize"),
         code=(*_lib("search.py", "quant"), *_PLACE, *_lib("models.py"), "stages/select.py"),
         params=("base.kernels", "select.base", "select.budget", "select.name"),
-        outs=("data/select",),
+        outs=("data/select", {"plots/select/selected.tsv": dict(_UNCACHED)}),
         builds_model=True,
     ),
     "plan": StageSpec(
@@ -245,7 +234,7 @@ STAGES: dict[str, StageSpec] = {
             {
                 "plots/evaluate": {
                     **_UNCACHED,
-                    "template": "scatter",
+                    "template": MODELS,
                     "x": "size_mb",
                     "y": "top1",
                     "title": "Top-1 (%) vs size (MB), one point per model",
@@ -305,6 +294,24 @@ FULL_DISPLAY_PLOTS: tuple[Any, ...] = (
             "y": {"plots/sensitivity/units.tsv": ["loss_w2", "loss_w3", "loss_w4", "loss_w8"]},
             "x_label": "unit (network order)",
             "y_label": "sensitivity",
+        }
+    },
+    {
+        "Mixed-precision Pareto front (size) and the model select.budget picks": {
+            "template": LABELLED,
+            "x": "size_mb",
+            "y": {"plots/search/front.tsv": "sensitivity", "plots/select/selected.tsv": "sensitivity"},
+            "x_label": "size (MB)",
+            "y_label": "summed sensitivity",
+        }
+    },
+    {
+        "Mixed-precision Pareto front (BitOPs) and the model select.budget picks": {
+            "template": LABELLED,
+            "x": "bitops",
+            "y": {"plots/search/front_bitops.tsv": "sensitivity", "plots/select/selected.tsv": "sensitivity"},
+            "x_label": "GBitOPs",
+            "y_label": "summed sensitivity",
         }
     },
     {
@@ -382,8 +389,11 @@ def stage_dict(name: str, pipeline: Pipeline, layout: Layout, prefix: str, secti
         cmd += " --code"
     data = [d for d in (_fill(d, pipeline) for d in spec.data) if d]
     stage: dict[str, Any] = {"cmd": cmd}
-    if name == "check" and layout == "installed":
-        stage["always_changed"] = True  # reads the installed package, which DVC cannot hash
+    if name == "check":
+        # Runs on every repro: in the installed layout it reads the installed package, which DVC cannot hash;
+        # in both it names a dataset or weights file gone missing (with its hint) before DVC stops at the
+        # first stage that depends on it with a bare "No such file".
+        stage["always_changed"] = True
     stage["deps"] = [*data, *_code_deps(name, spec, layout, prefix)]
     if not stage["deps"]:
         del stage["deps"]
@@ -442,7 +452,7 @@ def render(pipeline: Pipeline, sections: list[str], layout: Layout = "checkout",
             lines.append("")
         stage = stage_dict(name, pipeline, layout, prefix, sections)
         lines += _stage_lines(name, stage, STAGES[name].comment)
-    if pipeline.display_plots and {"reconstruct", "sensitivity", "plan"} <= set(pipeline.stages):
+    if pipeline.display_plots and {"reconstruct", "sensitivity", "search", "select", "plan"} <= set(pipeline.stages):
         lines += [
             "",
             "# Display-only plot definitions (not outputs): they combine columns of files the stages declare.",

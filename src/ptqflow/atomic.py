@@ -22,8 +22,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
 __all__ = [
     "atomic_dir",
     "atomic_save_torch",
@@ -96,6 +94,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 def atomic_save_torch(obj: Any, path: Path) -> None:
     """``torch.save`` to ``path`` atomically, with bytes independent of the file name."""
+    import torch  # here: the file helpers serve torch-free commands too (the check stage's memo)
+
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write_bytes(path, buffer.getvalue())

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from ptqflow.data import LabelledImages, batches
+from ptqflow.kernels import portable_layers
 from ptqflow.quant.model import QuantModel
 
 __all__ = ["accuracy", "freeze_weights", "predict_logits", "predict_logits_many"]
@@ -42,7 +44,7 @@ def predict_logits(
     model.eval().to(memory_format=torch.channels_last)
     out = []
     stream = batches(data, batch_size)
-    with torch.inference_mode():
+    with torch.inference_mode(), portable_layers(model, convs=False):
         for images, _ in wrap(stream) if wrap is not None else stream:
             x = preprocess(images).to(device).contiguous(memory_format=torch.channels_last)
             out.append(model(x).float().cpu())
@@ -77,15 +79,16 @@ def predict_logits_many(
     Returns:
         ``({name: logits (N, classes)}, labels (N,))``, on the CPU, in stream order.
     """
-    for model in models.values():
-        model.eval().to(device)
     outputs: dict[str, list[torch.Tensor]] = {name: [] for name in models}
     labels = []
-    for x, y in batches:
-        x = x.to(device)
-        for name, model in models.items():
-            outputs[name].append(model(x).float().cpu())
-        labels.append(y)
+    with contextlib.ExitStack() as stack:
+        for model in models.values():
+            stack.enter_context(portable_layers(model.eval().to(device), convs=False))
+        for x, y in batches:
+            x = x.to(device)
+            for name, model in models.items():
+                outputs[name].append(model(x).float().cpu())
+            labels.append(y)
     return {name: torch.cat(parts) for name, parts in outputs.items()}, torch.cat(labels)
 
 

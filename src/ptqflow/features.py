@@ -22,6 +22,7 @@ whether or not that codec build would have decoded the damaged bytes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 from collections.abc import Iterator, Sequence
@@ -34,6 +35,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from ptqflow.errors import StoreError
+from ptqflow.kernels import portable_layers
 
 __all__ = ["FORMAT", "FeatureStore", "FeatureStoreWriter", "UnitFeatures", "extract_features", "store_bytes"]
 
@@ -401,6 +403,19 @@ def extract_features(
             gradients (``grads=False``) gets a forward pass only, under ``torch.no_grad``.
         device: where to run the model.
     """
+    with contextlib.ExitStack() as stack:  # the FP layers' GEMMs thread-count independent (ptqflow.kernels)
+        for unit in units:
+            stack.enter_context(portable_layers(unit, convs=False))
+        _extract(units, batches, writer, device)
+    writer.close()
+
+
+def _extract(
+    units: Sequence[torch.nn.Module],
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    writer: FeatureStoreWriter,
+    device: torch.device,
+) -> None:
     for x, labels in batches:
         outputs: list[torch.Tensor] = []
         if not writer.grads:
@@ -426,4 +441,3 @@ def extract_features(
             if i:
                 upstream = torch.autograd.grad(outputs[i], leaves[i], grad_outputs=upstream)[0]
         writer.append(x, [o.detach() for o in outputs], grads)
-    writer.close()

@@ -13,9 +13,11 @@ Two things make a CPU run's bytes depend on the machine (measured op by op in ``
    a classifier on a batch of 8) differ between 1, 2 and 3 threads, while without it they do not.
 2. **The thread count.** oneDNN's convolution backward-by-weights splits its reduction over the threads
    (measured: every conv weight gradient of both embedded models differs between 1 and 2 threads; the
-   forward and the input gradient do not), and MKL's GEMM does for a linear layer's weight gradient.
-   :func:`conv` and :func:`linear` compute those products single-threaded in portable mode, so weight
-   gradients are the same for any thread count. ATen's reduction of many elements to one value splits
+   forward and the input gradient do not), and MKL's GEMM does for a linear layer's weight gradient and,
+   on an Intel Xeon, for forwards with a long reduction and few outputs (a classifier). :func:`conv`
+   computes the weight gradient single-threaded in portable mode and :func:`linear` every GEMM, so the
+   layers' outputs and gradients are the same for any thread count (an FP model's own layers take the same
+   route inside :func:`portable_layers`). ATen's reduction of many elements to one value splits
    them over the threads too: :func:`fixed_sum` sums in a fixed order, and
    :func:`broadcast_scalar` gives a learned scalar (LSQ's step size) that fixed-order gradient.
 
@@ -165,8 +167,14 @@ class _PortableConv(torch.autograd.Function):
 
 
 class _PortableLinear(torch.autograd.Function):
-    """``F.linear`` whose weight and bias gradients are computed on one thread (measured: MKL's GEMM for
-    a classifier's weight gradient, 10x16 by 16x64, differs between 1 and 2 threads)."""
+    """``F.linear`` whose every GEMM -- forward, input, weight and bias gradients -- runs on one thread.
+
+    Measured: MKL's GEMM for a classifier's weight gradient (10x16 by 16x64) differs between 1 and 2
+    threads on AMD EPYC; on an Intel Xeon (AVX2-capped) so do forwards with a long reduction and a small
+    output (64x1280 by 1280x10, MobileNetV2-s's classifier at batch 64; 64x576 by 576x10) and a 1280x64 by
+    64x10 product between 2 and 3 threads: MKL then splits the reduction over the threads. One thread
+    costs little here: the embedded models' linear layers are their classifiers and ViT-S's small blocks.
+    """
 
     @staticmethod
     def forward(
@@ -174,7 +182,8 @@ class _PortableLinear(torch.autograd.Function):
     ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None  # type: ignore[attr-defined]
-        return F.linear(x, weight, bias)
+        with _one_thread():
+            return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(
@@ -182,8 +191,9 @@ class _PortableLinear(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         x, weight = ctx.saved_tensors  # type: ignore[attr-defined]
         need_x, need_w, need_b = ctx.needs_input_grad  # type: ignore[attr-defined]
-        grad_x = grad @ weight if need_x else None
         grad_w = grad_b = None
+        with _one_thread():
+            grad_x = grad @ weight if need_x else None
         if need_w or (need_b and ctx.has_bias):  # type: ignore[attr-defined]
             rows_g, rows_x = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
             with _one_thread():
@@ -205,10 +215,13 @@ def _one_thread() -> Iterator[None]:
 
 
 def linear(layer: nn.Linear, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``layer``'s linear map of ``x`` with ``weight`` (its bias): through :class:`_PortableLinear` in portable
-    mode on the CPU when a gradient is needed, else ``F.linear``. Both give the same forward values."""
-    if not _portable_grad(x, x, weight):
+    """``layer``'s linear map of ``x`` with ``weight`` (its bias). In portable mode on the CPU every GEMM runs
+    on one thread (:class:`_PortableLinear` when a gradient is needed); otherwise ``F.linear``."""
+    if _mode != "portable" or x.device.type != "cpu":
         return F.linear(x, weight, layer.bias)
+    if not _portable_grad(x, x, weight):
+        with _one_thread():
+            return F.linear(x, weight, layer.bias)
     return _PortableLinear.apply(x, weight, layer.bias)
 
 
@@ -288,11 +301,14 @@ def broadcast_scalar(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def portable_layers(model: nn.Module) -> Iterator[nn.Module]:
+def portable_layers(model: nn.Module, convs: bool = True) -> Iterator[nn.Module]:
     """Within the block, every ``Conv1d/2d/3d`` and ``Linear`` of ``model`` runs through :func:`conv` /
     :func:`linear` (for training a plain model: its weight gradients then do not depend on the thread
-    count in portable mode)."""
-    layers = [m for m in model.modules() if type(m) in (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)]
+    count in portable mode). ``convs=False``: the linear layers only -- for forward passes and input
+    gradients, which a convolution computes the same for any thread count, while a linear layer's GEMM
+    may not (an FP model's features and logits)."""
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) if convs else (nn.Linear,)
+    layers = [m for m in model.modules() if type(m) in kinds]
     for m in layers:
         m.forward = functools.partial(_layer_forward, m)
     try:

@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 from helpers import write_fake_image_folder
-from tiny_repo import GIT_ENV, ran_stages, run
+from tiny_repo import GIT_ENV, ROOT, ran_stages, run
 
 from ptqflow.errors import ConfigError
 from stages import init
-from stages.template import FULL, UNIFORM
+from stages.template import FULL, PLOT_FILES, PLOT_PAGE, UNIFORM
 
 #: The user's model file, copied into the project as nets/cnn.py.
 NET = (Path(__file__).resolve().parents[1] / "support" / "user_project_net.py").read_text()
@@ -79,6 +79,9 @@ def _initialised(tmp_path: Path, images: Path) -> tuple[Path, dict[str, Any]]:
          f"imagefolder:{images}", "--image-size", "32"], repo,
     )  # fmt: skip
     assert "wrote" in out and (repo / ".dvc").is_dir()
+    for name in PLOT_FILES:  # the plot templates and the page with a charset, as this checkout has them
+        assert (repo / ".dvc" / "plots" / name).read_bytes() == (ROOT / ".dvc" / "plots" / name).read_bytes()
+    assert run(["dvc", "config", "plots.html_template"], repo).strip() == PLOT_PAGE
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["base"]["model"] == "nets.cnn:build" and params["prepare"]["image_size"] == 32
     params["base"]["device"] = "cpu"

@@ -67,6 +67,16 @@ def test_repro_reruns_only_what_changed(repo: Path, cold_run: ColdRun) -> None:
     # the mixed model fits the size of uniform 3-bit weights (first conv and fc at 8 bits in both)
     assert metrics["rtn"]["mp"]["avg_weight_bits"] <= metrics["rtn"]["w3a4"]["avg_weight_bits"] + 1e-6
     assert (repo / "plots/reconstruct/w2a4.tsv").read_text().startswith("step\tphase\tunit")
+    header, row = (repo / "plots/select/selected.tsv").read_text().splitlines()  # the point select picked
+    chosen = dict(zip(header.split("\t"), row.split("\t"), strict=True))
+    budget = yaml.safe_load((repo / "params.yaml").read_text())["select"]["budget"]
+    assert chosen["selected"] == "1" and chosen["label"] == f"selected: mp ({budget['kind']} <= {budget['value']:g})"
+    assert float(chosen["size_mb"]) == pytest.approx(metrics["rtn"]["mp"]["size_mb"], abs=1e-4)
+    models = (repo / "plots/evaluate/models.tsv").read_text().splitlines()
+    assert models[0].endswith("\tlabel")  # each model's legend entry: its name and top-1
+    assert any(
+        m.startswith("recon w2a4\t") and m.split("\t")[-1] == f"recon w2a4 {m.split(chr(9))[6]}" for m in models
+    )
     assert not (repo / "data/reconstruct.resume").exists()
     assert 0 <= metrics["fp"]["top1"] <= 100 and metrics["rtn"]["w3a4"]["size_mb"] < metrics["fp"]["size_mb"]
     exported = json.loads((repo / "metrics/export.json").read_text())
@@ -74,7 +84,7 @@ def test_repro_reruns_only_what_changed(repo: Path, cold_run: ColdRun) -> None:
     lock = (repo / "dvc.lock").read_text()
     assert str(repo) not in lock  # no absolute path into the repo (the data root lives outside it)
 
-    assert _ran(_run(["dvc", "repro"], repo)) == []  # no-op
+    assert _ran(_run(["dvc", "repro"], repo)) == ["check"]  # no-op but the check (always run; its memo)
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["base"]["threads"] = "auto"  # not a declared param of any computing stage: the same bytes for any
@@ -142,8 +152,22 @@ def test_a_params_typo_or_a_missing_file_loses_no_output(repo: Path) -> None:
         assert "Errno" not in log
         assert _outputs(repo) == before, f"{section}.{key}: an output was removed or changed"
     (repo / "params.yaml").write_text(good)
-    assert _ran(_run(["dvc", "repro"], repo)) == []  # the check's output comes back from DVC's run cache
+    assert _ran(_run(["dvc", "repro"], repo)) == ["check"]  # and nothing after it
     assert (repo / "data/check/check.json").is_file()
+    # the same params, a file gone: the check (always run) names it before DVC meets the stage reading it
+    data_root = Path(yaml.safe_load(good)["prepare"]["data_root"])
+    for path, says in (
+        (data_root, f"dataset file not found: {data_root}/train-images-idx3-ubyte.gz; install Debian's package"),
+        (repo / "weights/r20.pt", "weights file not found: weights/r20.pt"),
+    ):
+        path.rename(path.with_name(path.name + ".away"))
+        try:
+            log = run(["dvc", "repro"], repo, check=False)
+        finally:
+            path.with_name(path.name + ".away").rename(path)
+        assert _ran(log) == ["check"] and says in log and "Errno" not in log, log
+        assert _outputs(repo) == before, f"{path.name} missing: an output was removed or changed"
+    assert _ran(_run(["dvc", "repro"], repo)) == ["check"]
 
 
 @pytest.mark.slow  # the installed layout's twin runs by default: tests/stages/test_init.py
@@ -171,7 +195,7 @@ def test_editing_an_entry_point_model_reruns_what_it_builds(repo: Path) -> None:
     for stage in builders:
         block = status.split(f"{stage}:\n", 1)[1].split("\n\n", 1)[0] if f"{stage}:\n" in status else ""
         assert "usernets.py" in block, (stage, status)
-    assert _ran(run(["dvc", "repro", "features"], repo, env=env)) == ["features"]
+    assert _ran(run(["dvc", "repro", "features"], repo, env=env)) == ["check", "features"]
     (repo / "params.yaml").write_text(good)
     (repo / "usernets.py").unlink()
-    assert _ran(_run(["dvc", "repro"], repo)) == []  # back to the cold run's params and code: all run-cached
+    assert _ran(_run(["dvc", "repro"], repo)) == ["check"]  # back to the cold run's params and code: run-cached
