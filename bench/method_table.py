@@ -4,7 +4,10 @@ Everything in one process, same calibration set (data/prepare/calibration.pt, 10
 seed 1005; run ``dvc repro prepare`` first), same seeds. Prints a markdown table.
 
     python bench/method_table.py [--iters 300] [--models resnet20 mobilenetv2_s] [--bits 4/4 2/4 3/3 2/2]
-        [--seed 0] [--methods brecq qdrop] [--act-lr 4e-5] [--keep-prob 0.5] [--softmax uniform|log2]
+        [--seed 0] [--methods brecq qdrop genie] [--act-lr 4e-5] [--keep-prob 0.5] [--softmax uniform|log2]
+        [--weight-scale-lr 1e-4]
+
+``genie`` is QDrop with the weight steps learned jointly (Genie-M; ``reconstruct.weight_scale_lr``).
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ def main() -> None:
     parser.add_argument("--convention", choices=["brecq", "qdrop"], default="brecq")
     parser.add_argument("--act-lr", type=float, default=4e-5, help="QDrop's activation-step learning rate")
     parser.add_argument("--keep-prob", type=float, default=0.5, help="QDrop's keep_prob (1.0 = no drop)")
-    parser.add_argument("--methods", nargs="+", default=["brecq", "qdrop"], choices=["brecq", "qdrop"])
+    parser.add_argument("--methods", nargs="+", default=["brecq", "qdrop"], choices=["brecq", "qdrop", "genie"])
+    parser.add_argument("--weight-scale-lr", type=float, default=1e-4, help="genie's weight-step learning rate")
     parser.add_argument("--softmax", choices=["uniform", "log2"], default="uniform", help="softmax-output grid")
     args = parser.parse_args()
     test = load_split(ROOT / "data" / "prepare" / "test.pt")
@@ -46,7 +50,7 @@ def main() -> None:
     def top1(model: torch.nn.Module) -> float:
         return accuracy(predict_logits(model, test, 500, normalize, DEVICE), test.labels)["top1"]
 
-    head = " | ".join({"brecq": "BRECQ", "qdrop": "QDrop"}[m] for m in args.methods)
+    head = " | ".join({"brecq": "BRECQ", "qdrop": "QDrop", "genie": "Genie-M"}[m] for m in args.methods)
     lines = [f"| model | W/A | FP | RTN | {head} |", "|---|---|---|---" + "|---" * len(args.methods) + "|"]
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
@@ -62,7 +66,8 @@ def main() -> None:
                 for method in args.methods:
                     model = copy.deepcopy(rtn)
                     config = ReconConfig(
-                        method=method,
+                        method="qdrop" if method == "genie" else method,
+                        weight_scale_lr=args.weight_scale_lr if method == "genie" else 0.0,
                         iters=args.iters,
                         act_iters=max(1, args.iters // 3),
                         reg_weight=REG_WEIGHT.get(name, 0.01),

@@ -149,11 +149,32 @@ STAGES: dict[str, StageSpec] = {
         data=("data/sensitivity/tables.json",),
         code=(*_lib("search.py", "sensitivity.py"), "stages/search.py"),
         params=("search",),
-        # The fronts are drawn by the display plots, over the point the select stage picks.
-        outs=(
-            "data/search",
-            {"plots/search/front.tsv": dict(_UNCACHED)},
-            {"plots/search/front_bitops.tsv": dict(_UNCACHED)},
+        outs=("data/search",),
+        # Plots, not uncached outs: DVC's run cache skips a stage with an uncached out that is neither a plot
+        # nor a metric. The display plots draw these fronts again with the point the select stage picks.
+        plots=(
+            {
+                "plots/search/front.tsv": {
+                    **_UNCACHED,
+                    "template": "scatter",
+                    "x": "size_mb",
+                    "y": "sensitivity",
+                    "title": "Mixed-precision Pareto front (size MB vs summed sensitivity)",
+                    "x_label": "size (MB)",
+                    "y_label": "summed sensitivity",
+                }
+            },
+            {
+                "plots/search/front_bitops.tsv": {
+                    **_UNCACHED,
+                    "template": "scatter",
+                    "x": "bitops",
+                    "y": "sensitivity",
+                    "title": "Mixed-precision Pareto front (GBitOPs vs summed sensitivity)",
+                    "x_label": "GBitOPs",
+                    "y_label": "summed sensitivity",
+                }
+            },
         ),
     ),
     "select": StageSpec(
@@ -161,7 +182,20 @@ STAGES: dict[str, StageSpec] = {
         data=("data/search/front.json", "data/quantize"),
         code=(*_lib("search.py", "quant"), *_PLACE, *_lib("models.py"), "stages/select.py"),
         params=("base.kernels", "select.base", "select.budget", "select.name"),
-        outs=("data/select", {"plots/select/selected.tsv": dict(_UNCACHED)}),
+        outs=("data/select",),
+        plots=(
+            {
+                "plots/select/selected.tsv": {
+                    **_UNCACHED,
+                    "template": LABELLED,
+                    "x": "size_mb",
+                    "y": "sensitivity",
+                    "title": "The mixed-precision point select.budget picks (drawn on the fronts too)",
+                    "x_label": "size (MB)",
+                    "y_label": "summed sensitivity",
+                }
+            },
+        ),
         builds_model=True,
     ),
     "plan": StageSpec(

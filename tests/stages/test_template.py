@@ -26,6 +26,17 @@ def test_every_committed_pipeline_is_the_table_rendered(folder: str) -> None:
     )
 
 
+def test_every_stage_but_the_check_can_be_run_cached() -> None:
+    """DVC saves a stage to its run cache only if every uncached output is a plot or a metric, and never an
+    ``always_changed`` stage: an uncached plain out (as the search fronts once were) makes a teammate's
+    ``dvc repro`` recompute that stage and everything after it instead of checking out its results."""
+    for name, spec in STAGES.items():
+        plain = [o for o in spec.outs if isinstance(o, dict) and any(v.get("cache") is False for v in o.values())]
+        assert not plain, f"{name}: uncached outs must be declared as plots or metrics: {plain}"
+    stages = yaml.safe_load(render(PIPELINES["."], ["base"]))["stages"]
+    assert [n for n, s in stages.items() if s.get("always_changed")] == ["check"]
+
+
 def test_the_installed_layout_depends_on_fingerprints_not_files() -> None:
     text = render(Pipeline("imagefolder", FULL), ["base", "prepare"], "installed")
     stages = yaml.safe_load(text)["stages"]

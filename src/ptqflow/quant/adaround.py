@@ -8,6 +8,12 @@ Soft weight (eq. 22/23 of the paper)::
 with the rectified sigmoid's zeta = 1.1, gamma = -0.1. V starts where h(V) equals the fractional part of
 W / s, so the soft weight starts equal to the FP weight inside the clipping range. The regulariser
 ``sum(1 - |2 h(V) - 1|^beta)`` (eq. 24) pushes every h(V) to 0 or 1; beta is annealed from 20 to 2.
+
+With ``learn_scale`` the per-channel step s is a parameter too, learned jointly with V and the activation
+steps (Genie-M, the reconstruction half of Jeon et al., "Genie: Show Me the Data for Quantization", CVPR
+2023; algorithms.md section 9): the integer part ``floor(W / s0)`` stays the one of the initial step s0, so
+the soft weight is ``s * (clamp(floor(W / s0) + h(V) + z, 0, 2^b - 1) - z)`` and its gradient with respect
+to s is the integer grid value times the incoming gradient (no straight-through estimate is needed).
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ from torch import nn
 
 from ptqflow.kernels import fixed_sum
 
-__all__ = ["GAMMA", "ZETA", "AdaRound", "beta_schedule"]
+__all__ = ["GAMMA", "MIN_SCALE", "ZETA", "AdaRound", "beta_schedule"]
 
 ZETA = 1.1
 GAMMA = -0.1
+#: The smallest step a learned weight scale may take (a step driven to zero or below would void the grid).
+MIN_SCALE = 1e-8
 
 
 class AdaRound(nn.Module):
@@ -31,15 +39,22 @@ class AdaRound(nn.Module):
         scale: per-channel step ``(C_out,)``.
         zero_point: per-channel integer zero point ``(C_out,)``.
         bits: bit-width b.
+        learn_scale: the step is a parameter (Genie-M, see the module docstring), else a frozen buffer.
     """
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int) -> None:
+    def __init__(
+        self, weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int, learn_scale: bool = False
+    ) -> None:
         super().__init__()
         view = (-1,) + (1,) * (weight.dim() - 1)
         self.bits = bits
-        self.register_buffer("scale", scale.detach().view(view).clone())
+        initial = scale.detach().view(view).clone()
+        if learn_scale:
+            self.scale = nn.Parameter(initial)
+        else:
+            self.register_buffer("scale", initial)
         self.register_buffer("zero_point", zero_point.detach().view(view).clone())
-        w = weight.detach() / self.scale
+        w = weight.detach() / initial
         self.register_buffer("floor", w.floor())
         rest = (w - self.floor).clamp(1e-6, 1 - 1e-6)  # fractional part, kept off 0 and 1 so V is finite
         self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
@@ -57,7 +72,8 @@ class AdaRound(nn.Module):
         """The soft weight (training) or the hard-rounded weight (``soft=False``)."""
         up = self.h() if self.soft else (self.v >= 0).to(self.floor.dtype)
         q = torch.clamp(self.floor + up + self.zero_point, 0, 2**self.bits - 1)
-        return (q - self.zero_point) * self.scale
+        scale = self.scale.clamp_min(MIN_SCALE) if isinstance(self.scale, nn.Parameter) else self.scale
+        return (q - self.zero_point) * scale
 
     def regularizer(self, beta: float) -> torch.Tensor:
         """``sum(1 - |2 h(V) - 1|^beta)`` over every weight (a sum, not a mean, as in BRECQ/QDrop)."""

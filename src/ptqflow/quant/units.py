@@ -27,7 +27,7 @@ from torch import nn
 from ptqflow.errors import ModelError
 from ptqflow.kernels import conv, linear
 from ptqflow.ops import WEIGHT_MODULES, is_softmax
-from ptqflow.quant.adaround import AdaRound
+from ptqflow.quant.adaround import MIN_SCALE, AdaRound
 from ptqflow.quant.quantizer import ActQuantizer, Log2ActQuantizer, WeightQuantizer
 from ptqflow.units import Unit
 
@@ -57,10 +57,11 @@ class QuantLayer(nn.Module):
             return self.adaround()
         return self.weight_quantizer(w)
 
-    def start_adaround(self) -> AdaRound:
-        """Attach learned rounding on the weight quantizer's (frozen) grid; return it."""
+    def start_adaround(self, learn_scale: bool = False) -> AdaRound:
+        """Attach learned rounding on the weight quantizer's grid (its step learned too with ``learn_scale``,
+        Genie-M; else frozen); return it."""
         q = self.weight_quantizer
-        self.adaround = AdaRound(self.layer.weight, q.scale, q.zero_point, q.bits)
+        self.adaround = AdaRound(self.layer.weight, q.scale, q.zero_point, q.bits, learn_scale)
         return self.adaround
 
     @torch.no_grad()
@@ -73,6 +74,8 @@ class QuantLayer(nn.Module):
             raise RuntimeError("finish_adaround: no AdaRound attached; call start_adaround first")
         self.adaround.soft = False
         self.layer.weight.copy_(self.adaround())
+        if isinstance(self.adaround.scale, nn.Parameter):  # the learned step becomes the quantizer's grid
+            self.weight_quantizer.scale.copy_(self.adaround.scale.detach().clamp_min(MIN_SCALE).flatten())
         self.adaround = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,8 @@ class ReconConfig:
         act_iters: iterations per group of BRECQ's activation phase.
         batch_size: calibration samples per iteration.
         weight_lr: Adam learning rate of the AdaRound variables V.
+        weight_scale_lr: Adam learning rate of the per-channel weight steps, learned with V (Genie-M,
+            Jeon et al. CVPR 2023: 1e-4 in its public recipe); 0 keeps them frozen (BRECQ, QDrop).
         act_lr: Adam learning rate of the activation step sizes (QDrop's ``scale_lr``).
         brecq_act_lr: learning rate of BRECQ's activation phase.
         reg_weight: lambda, the weight of the rounding regulariser (0.01 ResNet, 0.1 MobileNetV2).
@@ -81,6 +83,7 @@ class ReconConfig:
     act_iters: int = 5000
     batch_size: int = 32
     weight_lr: float = 1e-3
+    weight_scale_lr: float = 0.0
     act_lr: float = 4e-5
     brecq_act_lr: float = 4e-4
     reg_weight: float = 0.01
@@ -100,6 +103,8 @@ class ReconConfig:
         for name in ("weight_lr", "act_lr", "brecq_act_lr"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.weight_scale_lr < 0:
+            raise ConfigError(f"weight_scale_lr must be >= 0 (0: frozen weight steps), got {self.weight_scale_lr}")
         if self.reg_weight < 0:
             raise ConfigError(f"reg_weight must be >= 0, got {self.reg_weight}")
         if not 0 <= self.warmup < 1:
@@ -323,8 +328,11 @@ def _optimise_weights(
     sampler: torch.Generator,
 ) -> None:
     layers = [m for m in group.modules() if isinstance(m, QuantLayer)]
-    rounding = [layer.start_adaround() for layer in layers]
+    learn_scale = config.weight_scale_lr > 0
+    rounding = [layer.start_adaround(learn_scale) for layer in layers]
     optimizers: list[torch.optim.Optimizer] = [torch.optim.Adam([r.v for r in rounding], lr=config.weight_lr)]
+    if learn_scale and rounding:  # Genie-M's third Adam group: the weight steps, at a constant rate
+        optimizers.append(torch.optim.Adam([r.scale for r in rounding], lr=config.weight_scale_lr))
     scheduler = None
     quantizers = _act_quantizers(group)
     if joint:

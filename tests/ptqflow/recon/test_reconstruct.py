@@ -199,3 +199,39 @@ def test_layerwise_reconstructs_each_layer_against_its_fp_output(tmp_path: Path,
     for layer in layers:  # hard-rounded onto the grid
         w = layer.layer.weight / layer.weight_quantizer.scale.view(-1, 1, 1, 1)
         torch.testing.assert_close(w, w.round(), atol=1e-4, rtol=0)
+
+
+def test_learned_weight_scale_gets_its_gradient_and_lands_on_its_own_grid() -> None:
+    """Genie-M's weight step: a parameter of the soft weight, with the integer grid value as its gradient;
+    frozen (a buffer) without ``learn_scale``."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 3, 3)
+    scale, zero = w.abs().amax(dim=(1, 2, 3)) / 3, torch.full((4,), 4.0)
+    assert "scale" not in dict(AdaRound(w, scale, zero, bits=3).named_parameters())
+    rounding = AdaRound(w, scale, zero, bits=3, learn_scale=True)
+    assert set(dict(rounding.named_parameters())) == {"v", "scale"}
+    torch.testing.assert_close(rounding(), AdaRound(w, scale, zero, bits=3)(), atol=0, rtol=0)  # same start
+    rounding().sum().backward()
+    grid = torch.clamp(rounding.floor + rounding.h() + rounding.zero_point, 0, 7) - rounding.zero_point
+    torch.testing.assert_close(rounding.scale.grad, grid.sum(dim=(1, 2, 3), keepdim=True).detach())
+
+
+def test_learned_weight_scales_move_and_the_model_keeps_its_grid(tmp_path: Path) -> None:
+    model, store = _setup(tmp_path)
+    before = {n: layer.weight_quantizer.scale.clone() for n, layer in model.quant_layers()}
+    config = ReconConfig(method="qdrop", iters=60, batch_size=16, reg_weight=0.01, seed=1, weight_scale_lr=1e-3)
+    stats = reconstruct(model, store, [[0], [1], [2], [3]], config, CPU)
+    assert sum(s["loss_after"] for s in stats) < sum(s["loss_before"] for s in stats)
+    moved = 0
+    for name, layer in model.quant_layers():
+        q = layer.weight_quantizer
+        moved += int(not torch.equal(q.scale, before[name]))
+        assert bool((q.scale > 0).all())
+        # the written weight lies on the learned grid: the quantizer reproduces it exactly
+        torch.testing.assert_close(q(layer.layer.weight), layer.layer.weight, atol=1e-6, rtol=0)
+    assert moved == len(before)
+
+
+def test_weight_scale_lr_must_not_be_negative() -> None:
+    with pytest.raises(ConfigError, match="weight_scale_lr must be >= 0"):
+        ReconConfig(weight_scale_lr=-1e-4)
