@@ -87,6 +87,23 @@ PLOT_FILES = ("labelled.json", "models.json", "page.html")
 #: ``plots.html_template``, relative to ``.dvc``: DVC's page with a charset (Vega's minus sign is U+2212).
 PLOT_PAGE = "plots/page.html"
 
+
+def _scatter(path: str, template: str, xy: tuple[str, str], title: str, labels: tuple[str, str]) -> dict[str, Any]:
+    """One uncached plot file of a stage, drawn as a scatter of columns ``xy`` with axis ``labels``."""
+    x, y = xy
+    return {
+        path: {
+            **_UNCACHED,
+            "template": template,
+            "x": x,
+            "y": y,
+            "title": title,
+            "x_label": labels[0],
+            "y_label": labels[1],
+        }
+    }
+
+
 STAGES: dict[str, StageSpec] = {
     "check": StageSpec(
         comment="Every params section and input file checked before any stage's outputs are removed (check.py).",
@@ -153,28 +170,20 @@ STAGES: dict[str, StageSpec] = {
         # Plots, not uncached outs: DVC's run cache skips a stage with an uncached out that is neither a plot
         # nor a metric. The display plots draw these fronts again with the point the select stage picks.
         plots=(
-            {
-                "plots/search/front.tsv": {
-                    **_UNCACHED,
-                    "template": "scatter",
-                    "x": "size_mb",
-                    "y": "sensitivity",
-                    "title": "Mixed-precision Pareto front (size MB vs summed sensitivity)",
-                    "x_label": "size (MB)",
-                    "y_label": "summed sensitivity",
-                }
-            },
-            {
-                "plots/search/front_bitops.tsv": {
-                    **_UNCACHED,
-                    "template": "scatter",
-                    "x": "bitops",
-                    "y": "sensitivity",
-                    "title": "Mixed-precision Pareto front (GBitOPs vs summed sensitivity)",
-                    "x_label": "GBitOPs",
-                    "y_label": "summed sensitivity",
-                }
-            },
+            _scatter(
+                "plots/search/front.tsv",
+                "scatter",
+                ("size_mb", "sensitivity"),
+                "Mixed-precision Pareto front (size MB vs summed sensitivity)",
+                ("size (MB)", "summed sensitivity"),
+            ),
+            _scatter(
+                "plots/search/front_bitops.tsv",
+                "scatter",
+                ("bitops", "sensitivity"),
+                "Mixed-precision Pareto front (GBitOPs vs summed sensitivity)",
+                ("GBitOPs", "summed sensitivity"),
+            ),
         ),
     ),
     "select": StageSpec(
@@ -184,17 +193,13 @@ STAGES: dict[str, StageSpec] = {
         params=("base.kernels", "select.base", "select.budget", "select.name"),
         outs=("data/select",),
         plots=(
-            {
-                "plots/select/selected.tsv": {
-                    **_UNCACHED,
-                    "template": LABELLED,
-                    "x": "size_mb",
-                    "y": "sensitivity",
-                    "title": "The mixed-precision point select.budget picks (drawn on the fronts too)",
-                    "x_label": "size (MB)",
-                    "y_label": "summed sensitivity",
-                }
-            },
+            _scatter(
+                "plots/select/selected.tsv",
+                LABELLED,
+                ("size_mb", "sensitivity"),
+                "The mixed-precision point select.budget picks (drawn on the fronts too)",
+                ("size (MB)", "summed sensitivity"),
+            ),
         ),
         builds_model=True,
     ),
@@ -265,17 +270,13 @@ STAGES: dict[str, StageSpec] = {
         metrics=({"metrics/evaluate.json": dict(_UNCACHED)},),
         plots=(
             # Accuracy vs size, one point per model; `dvc plots diff` / `dvc exp show` overlay experiments.
-            {
-                "plots/evaluate": {
-                    **_UNCACHED,
-                    "template": MODELS,
-                    "x": "size_mb",
-                    "y": "top1",
-                    "title": "Top-1 (%) vs size (MB), one point per model",
-                    "x_label": "size (MB)",
-                    "y_label": "top-1 (%)",
-                }
-            },
+            _scatter(
+                "plots/evaluate",
+                MODELS,
+                ("size_mb", "top1"),
+                "Top-1 (%) vs size (MB), one point per model",
+                ("size (MB)", "top-1 (%)"),
+            ),
         ),
     ),
     "export": StageSpec(

@@ -406,38 +406,29 @@ def extract_features(
     with contextlib.ExitStack() as stack:  # the FP layers' GEMMs thread-count independent (ptqflow.kernels)
         for unit in units:
             stack.enter_context(portable_layers(unit, convs=False))
-        _extract(units, batches, writer, device)
+        for x, labels in batches:
+            outputs: list[torch.Tensor] = []
+            if not writer.grads:
+                with torch.no_grad():
+                    h = x.to(device)
+                    for unit in units:
+                        h = unit(h)
+                        outputs.append(h)
+                writer.append(x, outputs)
+                continue
+            leaves: list[torch.Tensor] = []
+            h = x.to(device)
+            for unit in units:
+                leaf = h.detach().requires_grad_(True)
+                leaves.append(leaf)
+                h = unit(leaf)
+                outputs.append(h)
+            loss = torch.nn.functional.cross_entropy(outputs[-1], labels.to(device), reduction="sum")
+            grads: list[torch.Tensor] = [torch.empty(0)] * len(units)
+            upstream = torch.autograd.grad(loss, outputs[-1])[0]
+            for i in range(len(units) - 1, -1, -1):
+                grads[i] = upstream
+                if i:
+                    upstream = torch.autograd.grad(outputs[i], leaves[i], grad_outputs=upstream)[0]
+            writer.append(x, [o.detach() for o in outputs], grads)
     writer.close()
-
-
-def _extract(
-    units: Sequence[torch.nn.Module],
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
-    writer: FeatureStoreWriter,
-    device: torch.device,
-) -> None:
-    for x, labels in batches:
-        outputs: list[torch.Tensor] = []
-        if not writer.grads:
-            with torch.no_grad():
-                h = x.to(device)
-                for unit in units:
-                    h = unit(h)
-                    outputs.append(h)
-            writer.append(x, outputs)
-            continue
-        leaves: list[torch.Tensor] = []
-        h = x.to(device)
-        for unit in units:
-            leaf = h.detach().requires_grad_(True)
-            leaves.append(leaf)
-            h = unit(leaf)
-            outputs.append(h)
-        loss = torch.nn.functional.cross_entropy(outputs[-1], labels.to(device), reduction="sum")
-        grads: list[torch.Tensor] = [torch.empty(0)] * len(units)
-        upstream = torch.autograd.grad(loss, outputs[-1])[0]
-        for i in range(len(units) - 1, -1, -1):
-            grads[i] = upstream
-            if i:
-                upstream = torch.autograd.grad(outputs[i], leaves[i], grad_outputs=upstream)[0]
-        writer.append(x, [o.detach() for o in outputs], grads)
