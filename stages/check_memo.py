@@ -16,7 +16,6 @@ that reads it, which stops with the same error one step later.
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -25,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from ptqflow.atomic import atomic_dir, atomic_write_text
-from stages.template import package_roots
+from ptqflow.errors import PtqflowError
+from stages.params import load_params
+from stages.template import distribution_versions, package_roots
 
 #: Distributions whose version changes what the check accepts (the model zoo, the export runtime).
 _DISTRIBUTIONS = ("torch", "torchvision", "onnx", "onnxruntime")
@@ -82,12 +83,6 @@ def key(params_text: str, params: dict[str, Any], out: Path, code: bool) -> str:
     base, prepare = (params.get(name) for name in ("base", "prepare"))
     base = base if isinstance(base, dict) else {}  # a malformed section: the full check words it
     prepare = prepare if isinstance(prepare, dict) else {}
-    versions: dict[str, str | None] = {}
-    for dist in _DISTRIBUTIONS:
-        try:
-            versions[dist] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            versions[dist] = None
     files: dict[str, list[Any]] = {}
     for root in package_roots().values():
         files.update(_tree(root))
@@ -103,7 +98,7 @@ def key(params_text: str, params: dict[str, Any], out: Path, code: bool) -> str:
         "code": code,
         "cwd": str(Path.cwd().resolve()),
         "python": sys.executable,
-        "versions": versions,
+        "versions": distribution_versions(*_DISTRIBUTIONS),
         "visible_gpus": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "files": files,
     }
@@ -122,6 +117,18 @@ def memo_path(out: Path) -> Path | None:
             name = hashlib.sha256(str(target).encode()).hexdigest()[:16]
             return folder / ".dvc" / "tmp" / "ptqflow-check" / f"{name}.json"
     return None
+
+
+def open_memo(params_path: Path, out: Path, code: bool) -> tuple[Path, str] | None:
+    """``(memo path, digest)`` for ``ptqflow check --params PARAMS --out OUT [--code]``, or ``None`` when there
+    is no memo to keep (outside a DVC project) or the params cannot be read (the full check words that)."""
+    memo = memo_path(out)
+    if memo is None:
+        return None
+    try:
+        return memo, key(params_path.read_text(), load_params(params_path), out, code)
+    except (OSError, PtqflowError):
+        return None
 
 
 def replay(memo: Path, digest: str, out: Path) -> list[str] | None:

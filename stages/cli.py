@@ -129,25 +129,19 @@ def check(ctx: _Context, out: Path | None, code: bool) -> None:
 
     if code and out is None:
         raise click.UsageError("--code needs --out")
-    memo, digest = None, ""
-    if out is not None:  # the DVC stage, run on every repro: torch-free when nothing it reads changed
-        memo = check_memo.memo_path(out)
-        try:
-            if memo is not None:
-                digest = check_memo.key(ctx.params_path.read_text(), load_params(ctx.params_path), out, code)
-        except (OSError, PtqflowError):
-            memo = None  # the full check words the problem
-    warnings = check_memo.replay(memo, digest, out) if memo is not None and out is not None else None
-    if warnings is not None:
-        for message in warnings:
-            log.warning("%s", message)
-        log.info("params and inputs checked (nothing they name changed since the last check)")
-        return
+    memo = check_memo.open_memo(ctx.params_path, out, code) if out is not None else None
+    if memo is not None and out is not None:  # the DVC stage: torch-free when nothing it reads changed
+        replayed = check_memo.replay(*memo, out)
+        if replayed is not None:
+            for message in replayed:
+                log.warning("%s", message)
+            log.info("params and inputs checked (nothing they name changed since the last check)")
+            return
     from stages import check as stage
 
     warnings = stage.run(ctx.params(), out, code)
     if memo is not None and out is not None:
-        check_memo.record(memo, digest, out, warnings)
+        check_memo.record(*memo, out, warnings)
     log.info("params and inputs checked%s", f" ({len(warnings)} warnings)" if warnings else "")
 
 

@@ -58,6 +58,15 @@ def load_space(path: Path, act_bits: int) -> tuple[BitSpace, dict[str, Any]]:
     return BitSpace(infos, tables, act_bits), document
 
 
+#: Columns of the front tables (``plots/search/front*.tsv``; ``select`` writes its point the same way).
+FRONT_COLUMNS = ("size_mb", "avg_bits", "bitops", "sensitivity")
+
+
+def front_row(point: dict[str, Any]) -> str:
+    """One front point as a row of :data:`FRONT_COLUMNS` (tab-separated, Python's float repr)."""
+    return "\t".join(str(point[c]) for c in FRONT_COLUMNS)
+
+
 def run(params: dict[str, Any], tables: Path, out: Path, plots: Path) -> dict[str, Any]:
     """Search every configured cost; write ``out/front.json`` and ``plots/front.tsv``."""
     config = section(params, "search", SearchStageConfig)
@@ -74,10 +83,7 @@ def run(params: dict[str, Any], tables: Path, out: Path, plots: Path) -> dict[st
     with atomic_dir(out) as tmp_out, atomic_dir(plots) as tmp_plots:
         atomic_write_json(tmp_out / "front.json", result)
         for cost in ("size", "bitops"):  # both files always exist (DVC outputs); a cost not searched is empty
-            lines = ["size_mb\tavg_bits\tbitops\tsensitivity"]
-            lines += [
-                f"{p['size_mb']}\t{p['avg_bits']}\t{p['bitops']}\t{p['sensitivity']}" for p in fronts.get(cost, [])
-            ]
+            lines = ["\t".join(FRONT_COLUMNS)] + [front_row(p) for p in fronts.get(cost, [])]
             name = "front.tsv" if cost == "size" else f"front_{cost}.tsv"
             atomic_write_text(tmp_plots / name, "\n".join(lines) + "\n")
     return result

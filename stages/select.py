@@ -21,6 +21,7 @@ from ptqflow.models import build_model
 from ptqflow.quant.model import load_quant_file, quant_payload, set_weight_bits
 from ptqflow.search import BUDGET_KINDS, select
 from stages.params import section
+from stages.search import FRONT_COLUMNS, front_row
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,7 @@ def run(
         **{k: point[k] for k in ("sensitivity", "size_mb", "avg_bits", "bitops", "bits")},
     }
     label = f"selected: {config.name} ({config.budget.kind} <= {config.budget.value:g})"
-    row = (point["size_mb"], point["avg_bits"], point["bitops"], point["sensitivity"], 1, label)
-    table = "size_mb\tavg_bits\tbitops\tsensitivity\tselected\tlabel\n" + "\t".join(map(str, row)) + "\n"
+    table = "\t".join((*FRONT_COLUMNS, "selected", "label")) + f"\n{front_row(point)}\t1\t{label}\n"
     with atomic_dir(out) as tmp, atomic_dir(plots) if plots is not None else nullcontext() as tmp_plots:
         atomic_save_torch(quant_payload(model, model_name, qconfig), tmp / f"{config.name}.pt")
         atomic_write_json(tmp / "selection.json", record)

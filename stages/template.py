@@ -331,24 +331,21 @@ FULL_DISPLAY_PLOTS: tuple[Any, ...] = (
             "y_label": "sensitivity",
         }
     },
-    {
-        "Mixed-precision Pareto front (size) and the model select.budget picks": {
-            "template": LABELLED,
-            "x": "size_mb",
-            "y": {"plots/search/front.tsv": "sensitivity", "plots/select/selected.tsv": "sensitivity"},
-            "x_label": "size (MB)",
-            "y_label": "summed sensitivity",
+    *(
+        {
+            f"Mixed-precision Pareto front ({cost}) and the model select.budget picks": {
+                "template": LABELLED,
+                "x": x,
+                "y": {f"plots/search/{front}": "sensitivity", "plots/select/selected.tsv": "sensitivity"},
+                "x_label": x_label,
+                "y_label": "summed sensitivity",
+            }
         }
-    },
-    {
-        "Mixed-precision Pareto front (BitOPs) and the model select.budget picks": {
-            "template": LABELLED,
-            "x": "bitops",
-            "y": {"plots/search/front_bitops.tsv": "sensitivity", "plots/select/selected.tsv": "sensitivity"},
-            "x_label": "GBitOPs",
-            "y_label": "summed sensitivity",
-        }
-    },
+        for cost, x, front, x_label in (
+            ("size", "size_mb", "front.tsv", "size (MB)"),
+            ("BitOPs", "bitops", "front_bitops.tsv", "GBitOPs"),
+        )
+    ),
     {
         "MRECG module capacity along depth (plan.reference; the differential plan.form uses)": {
             "x": "position",
@@ -517,9 +514,10 @@ def package_roots() -> dict[str, Path]:
     return {LIB: Path(ptqflow.__file__).parent, CLI: Path(stages.__file__).parent}
 
 
-def _versions() -> dict[str, str]:
+def distribution_versions(*dists: str) -> dict[str, str]:
+    """The installed version of each distribution (``not installed`` for one that is not)."""
     found = {}
-    for dist in ("torch", "torchvision"):
+    for dist in dists:
         try:
             found[dist] = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
@@ -578,7 +576,11 @@ def code_fingerprint(name: str, model: str, project: Path, roots: dict[str, Path
         for f in _py_files(path):
             key = LIB if entry.startswith(LIB) else CLI
             modules[f"{key}/{f.relative_to(roots[key]).as_posix()}"] = _sha256(f)
-    result: dict[str, Any] = {"stage": name, "versions": _versions(), "modules": modules}
+    result: dict[str, Any] = {
+        "stage": name,
+        "versions": distribution_versions("torch", "torchvision"),
+        "modules": modules,
+    }
     if spec.builds_model:
         result["model"] = model_source(model, project)
     return result
