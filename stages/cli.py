@@ -367,14 +367,17 @@ def report(metrics_path: Path) -> None:
 def _table(metrics: dict[str, Any]) -> str:
     fp = metrics["fp"]
     topk = sorted((k for k in fp if k.startswith("top")), key=lambda k: int(k[3:]))
-    rows = [("model", "W/A", "avg W bits", *(f"top-{k[3:]}" for k in topk), "size MB")]
-    rows.append(("FP", "32/32", "32", *(f"{fp[k]:.2f}" for k in topk), f"{fp['size_mb']:.3f}"))
+    # top-1 int: the integer-exact top-1, what an integer runtime (onnxruntime, OpenVINO) gives
+    rows = [("model", "W/A", "avg W bits", *(f"top-{k[3:]}" for k in topk), "top-1 int", "size MB")]
+    rows.append(("FP", "32/32", "32", *(f"{fp[k]:.2f}" for k in topk), "", f"{fp['size_mb']:.3f}"))
     for method, results in metrics.items():
         if method in ("fp", "samples"):
             continue
         for name, r in results.items():
             bits, avg = f"{r['weight_bits']}/{r['act_bits']}", f"{r['avg_weight_bits']:.2f}"
-            rows.append((f"{method.upper()} {name}", bits, avg, *(f"{r[k]:.2f}" for k in topk), f"{r['size_mb']:.3f}"))
+            exact = f"{r['top1_int']:.2f}" if "top1_int" in r else "n/a"
+            cells = (*(f"{r[k]:.2f}" for k in topk), exact, f"{r['size_mb']:.3f}")
+            rows.append((f"{method.upper()} {name}", bits, avg, *cells))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 

@@ -1,7 +1,8 @@
 """Stage ``evaluate``: metrics and plots from the logits ``predict`` wrote (cheap: no model is run).
 
 Writes ``metrics/evaluate.json`` (stable keys: ``samples``, ``fp``, then ``<method>.<config>`` with
-``top1``, ``top5`` (per ``evaluate.topk``), ``size_mb``, ``weight_bits``, ``act_bits``) and
+``top1``, ``top5`` (per ``evaluate.topk``), ``top1_int`` (the integer-exact top-1: what an integer runtime
+computes, :mod:`ptqflow.integer`), ``size_mb``, ``weight_bits``, ``act_bits``) and
 ``plots/evaluate/models.tsv`` (one row per model: the accuracy-vs-size scatter of ``dvc plots``).
 """
 
@@ -37,18 +38,20 @@ class EvaluateConfig:
             raise ConfigError(f"topk must be distinct integers >= 1 including 1, e.g. [1, 5], got {list(self.topk)}")
 
 
-def _load(predictions: Path) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+def _load(
+    predictions: Path,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     try:
         payload = torch.load(predictions / LOGITS, map_location="cpu", weights_only=True)
         models = json.loads((predictions / MODELS).read_text())
-        labels, logits = payload["labels"], payload["logits"]
+        labels, logits, integer = payload["labels"], payload["logits"], payload["logits_int"]
     except Exception as exc:  # missing or corrupt files
         raise DataError(
             f"{predictions} is not a valid predict output ({type(exc).__name__}); rerun dvc repro predict"
         ) from None
-    if set(logits) != set(models) or "fp" not in logits:
+    if set(logits) != set(models) or "fp" not in logits or set(integer) != set(logits) - {"fp"}:
         raise DataError(f"{predictions}: {LOGITS} and {MODELS} disagree; rerun dvc repro predict")
-    return labels, logits, models
+    return labels, logits, integer, models
 
 
 def run(params: dict[str, Any], predictions: Path, out: Path, plots: Path) -> dict[str, Any]:
@@ -61,7 +64,7 @@ def run(params: dict[str, Any], predictions: Path, out: Path, plots: Path) -> di
         plots: folder of the plot tables.
     """
     config = section(params, "evaluate", EvaluateConfig)
-    labels, logits, models = _load(predictions)
+    labels, logits, integer, models = _load(predictions)
     classes = next(iter(logits.values())).shape[1]
     if max(config.topk) > classes:
         raise ConfigError(f"evaluate.topk: {max(config.topk)} exceeds the {classes} classes")
@@ -70,6 +73,8 @@ def run(params: dict[str, Any], predictions: Path, out: Path, plots: Path) -> di
     rows = ["\t".join(PLOT_COLUMNS)]
     for key in ["fp", *sorted(k for k in logits if k != "fp")]:
         entry = {**accuracy(logits[key], labels, topk), **models[key]}
+        if key in integer:  # integer-exact (the deployed runtime's arithmetic), beside the fake-quant top-1
+            entry["top1_int"] = accuracy(integer[key], labels, (1,))["top1"]
         method, _, name = key.partition("/")
         if name:
             metrics.setdefault(method, {})[name] = entry

@@ -3,12 +3,21 @@ models) to a QDQ ONNX file, a plain state_dict and a JSON of scales/zero points/
 onnxruntime (CPU) against the PyTorch fake-quant model on the test set.
 
 Per model ``<name>``: ``<out>/<name>.onnx``, ``<out>/<name>.state_dict.pt``, ``<out>/<name>.json``; the
-check's numbers go to the metrics JSON. The check runs the graph in onnxruntime node by node (graph
-optimisations off: the file's exact float semantics); a model whose ONNX top-1 differs from PyTorch's by
-more than ``export.max_top1_diff`` points, or whose argmax agrees on fewer than ``export.min_agreement``
-percent of the samples, fails the stage (nothing is written). The same comparison under onnxruntime's
-default session (QDQ groups fused into integer kernels, which round on their own) is recorded under
-``fused``, for information.
+check's numbers go to the metrics JSON. Two checks, each with the same thresholds (a top-1 difference above
+``export.max_top1_diff`` points or an argmax agreement below ``export.min_agreement`` percent fails the
+stage, and nothing is written):
+
+1. the graph in onnxruntime node by node (graph optimisations off: the file's exact float semantics)
+   against the PyTorch fake-quant model -- the graph is the model;
+2. onnxruntime's default session -- the QDQ groups fused into integer kernels, what a user deploys --
+   against ptqflow's integer-exact simulation of those kernels (:mod:`ptqflow.integer`; ``top1_int``,
+   the number ``evaluate`` reports beside the fake-quant top-1), under ``fused``.
+
+OpenVINO (CPU, f32 float parts) reads the same file as a third runtime, recorded under ``openvino``
+against the integer-exact logits, or ``skipped`` with the reason when openvino is not installed. Whether the
+graph follows TensorRT's explicit-quantization rules is recorded under ``tensorrt``
+(:func:`ptqflow.export.tensorrt_violations`: ready only for ``quantize.scheme: symmetric`` at 8-bit
+activations).
 """
 
 from __future__ import annotations
@@ -24,10 +33,19 @@ import torch
 from ptqflow.atomic import atomic_dir, atomic_save_torch, atomic_write_bytes, atomic_write_json
 from ptqflow.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, batches, normalize
 from ptqflow.errors import ConfigError, ExportError, ModelError
-from ptqflow.export import ExportConfig, compare_logits, export_onnx, onnx_session, plain_state_dict
+from ptqflow.export import (
+    ExportConfig,
+    compare_logits,
+    export_onnx,
+    onnx_session,
+    openvino_session,
+    plain_state_dict,
+    tensorrt_violations,
+)
 from ptqflow.imagefolder import normalize_channels
+from ptqflow.integer import IntegerModel
 from ptqflow.models import build_model
-from ptqflow.quant.model import load_quant_file
+from ptqflow.quant.model import QuantModel, load_quant_file
 from stages.common import load_split, open_image_test_set
 from stages.params import section
 
@@ -87,23 +105,44 @@ def _test_set(test: Path, images: Path | None, batch_size: int) -> tuple[TestBat
     return memory, pre, len(data)
 
 
-def _three_logits(
-    model: torch.nn.Module, onnx_bytes: bytes, test: TestBatches
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PyTorch, onnxruntime node by node and onnxruntime fused logits, and the labels, in one pass. PyTorch
-    runs as :func:`ptqflow.evaluate.predict_logits` runs it (channels_last, inference mode), so its logits
-    are the bits ``predict`` reported."""
-    node, fused = onnx_session(onnx_bytes, optimize=False), onnx_session(onnx_bytes, optimize=True)
-    out: list[list[torch.Tensor]] = [[], [], [], []]
+def _all_logits(model: QuantModel, onnx_bytes: bytes, test: TestBatches) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Logits of every runtime over the test set in one pass, and why OpenVINO was skipped (or ``None``).
+
+    Keys: ``torch`` (the fake-quant model, run as :func:`ptqflow.evaluate.predict_logits` runs it:
+    channels_last, inference mode, so these are the bits ``predict`` reported), ``int`` (integer-exact,
+    :class:`ptqflow.integer.IntegerModel`), ``node`` (onnxruntime node by node), ``fused`` (onnxruntime's
+    default session), ``openvino`` (when installed) and ``labels``.
+    """
+    runtimes: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "node": onnx_session(onnx_bytes, optimize=False),
+        "fused": onnx_session(onnx_bytes, optimize=True),
+    }
+    skipped = None
+    try:
+        runtimes["openvino"] = openvino_session(onnx_bytes)
+    except ExportError as exc:
+        skipped = str(exc)
+        log.warning("OpenVINO check skipped: %s", exc)
+    integer = IntegerModel(model)
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("torch", "int", *runtimes, "labels")}
     model.eval().to(memory_format=torch.channels_last)  # outside inference mode, as predict_logits does
     with torch.inference_mode():
         for x, y in test():
-            logits = model(x.contiguous(memory_format=torch.channels_last)).float()
-            for i, value in enumerate((logits, node(x), fused(x), y)):
-                out[i].append(value)
+            out["torch"].append(model(x.contiguous(memory_format=torch.channels_last)).float())
+            out["int"].append(integer(x.contiguous(memory_format=torch.channels_last)).float())
+            for name, runtime in runtimes.items():
+                out[name].append(runtime(x))
+            out["labels"].append(y)
     model.to(memory_format=torch.contiguous_format)
-    ref, by_node, by_fused, labels = (torch.cat(v) for v in out)
-    return ref, by_node, by_fused, labels
+    return {k: torch.cat(v) for k, v in out.items()}, skipped
+
+
+def _check(result: dict[str, float], config: ExportStageConfig, what: str) -> str | None:
+    """A failure line when ``result`` (:func:`compare_logits`) breaks the thresholds, else ``None``."""
+    diff = abs(result["top1_onnx"] - result["top1_torch"])
+    if diff > config.max_top1_diff or result["agreement"] < config.min_agreement:
+        return f"{what}: top-1 {result['top1_onnx']} vs {result['top1_torch']}, agreement {result['agreement']}%"
+    return None
 
 
 def run(
@@ -136,30 +175,46 @@ def run(
             atomic_write_bytes(tmp / f"{path.stem}.onnx", onnx_bytes)
             atomic_save_torch(plain_state_dict(model), tmp / f"{path.stem}.state_dict.pt")
             atomic_write_json(tmp / f"{path.stem}.json", table)
-            reference, by_node, by_fused, labels = _three_logits(model, onnx_bytes, test_batches)
-            # The check: the graph node by node (its exact float semantics) against the torch fake-quant model.
-            result = compare_logits(reference, by_node, labels)
-            # For information: onnxruntime's default session, which fuses QDQ groups into integer kernels.
-            fused = compare_logits(reference, by_fused, labels)
+            logits, skipped = _all_logits(model, onnx_bytes, test_batches)
+            labels = logits["labels"]
+            # Check 1: the graph node by node (its exact float semantics) against the torch fake-quant model.
+            result = compare_logits(logits["torch"], logits["node"], labels)
+            # Check 2: onnxruntime's default session (QDQ groups fused into integer kernels) against the
+            # integer-exact simulation of those kernels.
+            fused = compare_logits(logits["int"], logits["fused"], labels)
             containers = sorted({t["container"] for kind in ("weights", "activations") for t in table[kind].values()})
-            metrics[path.stem] = {
+            entry: dict[str, Any] = {
                 **result,
+                "top1_int": fused["top1_torch"],
+                "int_agreement": compare_logits(logits["torch"], logits["int"], labels)["agreement"],
                 "fused": {k: fused[k] for k in ("top1_onnx", "agreement", "max_abs_logit_diff")},
+            }
+            if skipped is None:  # a third runtime, recorded against the integer-exact logits
+                vino = compare_logits(logits["int"], logits["openvino"], labels)
+                entry["openvino"] = {k: vino[k] for k in ("top1_onnx", "agreement", "max_abs_logit_diff")}
+            else:
+                entry["openvino"] = {"skipped": skipped}
+            rules = tensorrt_violations(onnx_bytes)  # TensorRT's explicit-quantization rules, on the graph
+            entry["tensorrt"] = {"ready": not rules, "violations": len(rules), "first": rules[:3]}
+            metrics[path.stem] = {
+                **entry,
                 "weight_bits": qconfig.weight_bits,
                 "act_bits": qconfig.act_bits,
+                "scheme": qconfig.scheme,
+                "bias": qconfig.bias,
                 "containers": containers,
                 "onnx_bytes": len(onnx_bytes),
             }
             log.info("%s: %s", path.stem, metrics[path.stem])
-            diff = abs(result["top1_onnx"] - result["top1_torch"])
-            if diff > config.max_top1_diff or result["agreement"] < config.min_agreement:
-                failures.append(
-                    f"{path.stem}: top-1 {result['top1_onnx']} (onnx) vs {result['top1_torch']} (torch), "
-                    f"agreement {result['agreement']}%"
-                )
+            for line in (
+                _check(result, config, f"{path.stem} node by node vs torch fake-quant"),
+                _check(fused, config, f"{path.stem} fused session vs integer-exact"),
+            ):
+                if line is not None:
+                    failures.append(line)
         if failures:
             raise ExportError(
-                f"onnxruntime disagrees with PyTorch beyond export.max_top1_diff={config.max_top1_diff} / "
+                f"onnxruntime disagrees beyond export.max_top1_diff={config.max_top1_diff} / "
                 f"export.min_agreement={config.min_agreement}: " + "; ".join(failures)
             )
         atomic_write_json(metrics_path, metrics)

@@ -1,5 +1,7 @@
 """Stage ``predict``: the test-set logits of the FP model and of every quantized model (the expensive half
-of evaluation), plus each model's size and bit-widths, in ``data/predict/``.
+of evaluation), plus each model's size and bit-widths, in ``data/predict/``. Every quantized model runs
+twice: its fake-quant forward, and integer-exact as a deployed integer runtime computes it
+(:class:`ptqflow.integer.IntegerModel`: int32 accumulation and bias, float-multiplier requantization).
 
 Split from ``evaluate`` so that the DAG matches what changes predictions: this stage depends on the
 models, the test set and ``predict.batch_size`` only, and ``evaluate`` (which turns logits into metrics
@@ -8,6 +10,7 @@ and plots) reruns alone, in seconds, when a reporting key such as ``evaluate.top
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,7 @@ from ptqflow.errors import ConfigError, ModelError
 from ptqflow.evaluate import Batches, freeze_weights, predict_logits, predict_logits_many
 from ptqflow.fold import fold_bn
 from ptqflow.imagefolder import normalize_channels
+from ptqflow.integer import IntegerModel
 from ptqflow.models import build_model
 from ptqflow.quant.model import QuantConfig, QuantModel, load_quant_file
 from ptqflow.sensitivity import layer_infos
@@ -29,6 +33,8 @@ from stages.params import BaseConfig, section
 
 #: Files of the output folder.
 LOGITS, MODELS = "logits.pt", "models.json"
+#: Suffix of a model's integer-exact logits among the computed ones (split into ``logits_int`` on writing).
+INT = "#int"
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,8 @@ def _model_files(model_dirs: dict[str, list[Path]]) -> list[tuple[str, Path]]:
 def run(
     params: dict[str, Any], test: Path, model_dirs: dict[str, list[Path]], out: Path, images: Path | None = None
 ) -> list[str]:
-    """Write ``out/logits.pt`` (``{"labels", "logits": {model key: (N, classes)}}``) and ``out/models.json``.
+    """Write ``out/logits.pt`` (``{"labels", "logits": {model key: (N, classes)}, "logits_int": {quantized
+    model key: (N, classes)}}``) and ``out/models.json``.
 
     Args:
         params: loaded params.
@@ -105,8 +112,9 @@ def run(
         labels, logits, models = _streamed(base, config, device, Path(test), images, files)
     else:
         labels, logits, models = _in_memory(base, config, device, Path(test), files)
+    integer = {key[: -len(INT)]: logits.pop(key) for key in [k for k in logits if k.endswith(INT)]}
     with atomic_dir(out) as tmp:
-        atomic_save_torch({"labels": labels, "logits": logits}, tmp / LOGITS)
+        atomic_save_torch({"labels": labels, "logits": logits, "logits_int": integer}, tmp / LOGITS)
         atomic_write_json(tmp / MODELS, models)
     return list(logits)
 
@@ -126,6 +134,9 @@ def _in_memory(
     models: dict[str, Any] = {"fp": _fp_info(fp_model)}
     for key, model, _, qconfig in loaded:
         models[key] = _quant_info(model, qconfig, normalize(data.images[:1]))
+        logits[key + INT] = predict_logits(
+            IntegerModel(model.to(device)), data, config.batch_size, normalize, device, _tracker(batches, key + " int")
+        )
         freeze_weights(model)
         logits[key] = predict_logits(
             model.to(device), data, config.batch_size, normalize, device, _tracker(batches, key)
@@ -150,6 +161,7 @@ def _streamed(
     for key, path in files:
         model, _, qconfig = load_quant_file(path, build_model)
         info[key] = _quant_info(model, qconfig, example)
+        models[key + INT] = IntegerModel(copy.deepcopy(model))
         models[key] = freeze_weights(model)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=config.batch_size, shuffle=False, num_workers=config.workers

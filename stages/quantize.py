@@ -50,6 +50,9 @@ class QuantizeConfig:
     batch_size: samples per batch while calibrating.
     softmax: grid of the quantizers on softmax outputs (attention probabilities): ``uniform`` or ``log2``
         (powers of two; cannot be exported to ONNX QDQ).
+    bias: ``int32`` (biases on the grid ``s_in * s_w`` an integer runtime stores them on, so the simulated
+        model is the deployed one) or ``float`` (:class:`ptqflow.quant.model.QuantConfig`).
+    scheme: ``asymmetric`` (onnxruntime, OpenVINO) or ``symmetric`` (signed, zero point 0: TensorRT).
     """
 
     bits: dict[str, BitPair] = field(default_factory=_default_bits)
@@ -59,6 +62,8 @@ class QuantizeConfig:
     calib_size: int = 256
     batch_size: int = 64
     softmax: Literal["uniform", "log2"] = "uniform"
+    bias: Literal["int32", "float"] = "int32"
+    scheme: Literal["asymmetric", "symmetric"] = "asymmetric"
 
     def __post_init__(self) -> None:
         if not self.bits:
@@ -86,6 +91,8 @@ class QuantizeConfig:
             p=self.p,
             calib_size=self.calib_size,
             softmax=self.softmax,
+            bias=self.bias,
+            scheme=self.scheme,
         )
 
 

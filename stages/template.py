@@ -253,7 +253,7 @@ STAGES: dict[str, StageSpec] = {
         "--models recon=data/reconstruct --out data/predict",
         data=("{test}", "{val}", "data/quantize", "{select}", "data/reconstruct", "${base.weights}"),
         code=(
-            *_lib("evaluate.py", "imagefolder.py", "sensitivity.py", "quant"),
+            *_lib("evaluate.py", "integer.py", "imagefolder.py", "sensitivity.py", "quant"),
             *_PLACE,
             *_lib("fold.py", "units.py", "models.py"),
             "stages/predict.py",
@@ -284,7 +284,7 @@ STAGES: dict[str, StageSpec] = {
         "--metrics metrics/export.json",
         data=("data/reconstruct", "{test}", "{val}"),
         code=(
-            *_lib("export.py", "evaluate.py", "imagefolder.py", "quant"),
+            *_lib("export.py", "integer.py", "evaluate.py", "imagefolder.py", "quant"),
             *_PLACE,
             *_lib("models.py"),
             "stages/export.py",

@@ -35,6 +35,7 @@ from ptqflow.evaluate import accuracy
 from ptqflow.export import ExportConfig, compare_logits, export_onnx, onnx_session_logits
 from ptqflow.features import FeatureStore, FeatureStoreWriter, extract_features
 from ptqflow.fold import fold_bn
+from ptqflow.integer import IntegerModel
 from ptqflow.models import build_model
 from ptqflow.quant.model import (
     QuantConfig,
@@ -213,9 +214,10 @@ def export_model(
     model: QuantModel, path: str | Path, example: torch.Tensor, *, check: Data | None = None, opset: int = 21,
     max_top1_diff: float = 0.1, min_agreement: float = 99.5,
 ) -> dict[str, float]:  # fmt: skip
-    """Write ``model`` as QDQ ONNX to ``path`` and, with labelled ``check`` data, compare onnxruntime with
-    PyTorch the way the ``export`` stage does: the graph node by node against the fake-quant model (the
-    thresholds apply to it) and onnxruntime's fused integer kernels (reported as ``fused_*``).
+    """Write ``model`` as QDQ ONNX to ``path`` and, with labelled ``check`` data, check it the way the
+    ``export`` stage does, the thresholds applying to both: the graph node by node in onnxruntime against the
+    fake-quant model, and onnxruntime's fused integer kernels (``fused_*``) against ptqflow's integer-exact
+    simulation (:class:`ptqflow.integer.IntegerModel`; its top-1 is ``top1_int``).
 
     Raises:
         ExportError: onnx/onnxruntime missing, an invalid graph, or a check beyond the thresholds (nothing
@@ -228,17 +230,21 @@ def export_model(
         if any(y is None for _, y in pairs):
             raise ConfigError("export check needs labelled data: (inputs, labels) pairs")
         labels = torch.cat([y for _, y in pairs])  # type: ignore[misc]
+        integer = IntegerModel(model.eval().cpu())
         with torch.inference_mode():
-            reference = torch.cat([model.eval().cpu()(x).float() for x, _ in pairs])
+            reference = torch.cat([model(x).float() for x, _ in pairs])
+            exact = torch.cat([integer(x).float() for x, _ in pairs])
         inputs = [x for x, _ in pairs]
         result = compare_logits(reference, onnx_session_logits(onnx_bytes, inputs, optimize=False), labels)
-        fused = compare_logits(reference, onnx_session_logits(onnx_bytes, inputs, optimize=True), labels)
+        fused = compare_logits(exact, onnx_session_logits(onnx_bytes, inputs, optimize=True), labels)
         result.update({f"fused_{k}": fused[k] for k in ("top1_onnx", "agreement", "max_abs_logit_diff")})
-        if abs(result["top1_onnx"] - result["top1_torch"]) > max_top1_diff or result["agreement"] < min_agreement:
-            raise ExportError(
-                f"onnxruntime disagrees with PyTorch: top-1 {result['top1_onnx']} vs {result['top1_torch']}, "
-                f"agreement {result['agreement']}% (max_top1_diff={max_top1_diff}, min_agreement={min_agreement})"
-            )
+        result["top1_int"] = fused["top1_torch"]
+        for what, res in (("node by node vs PyTorch", result), ("fused vs integer-exact", fused)):
+            if abs(res["top1_onnx"] - res["top1_torch"]) > max_top1_diff or res["agreement"] < min_agreement:
+                raise ExportError(
+                    f"onnxruntime ({what}) disagrees: top-1 {res['top1_onnx']} vs {res['top1_torch']}, "
+                    f"agreement {res['agreement']}% (max_top1_diff={max_top1_diff}, min_agreement={min_agreement})"
+                )
     atomic_write_bytes(Path(path), onnx_bytes)
     return result
 

@@ -57,13 +57,18 @@ def freeze_weights(model: QuantModel) -> QuantModel:
     """Fake-quantize every weight once, in place, for inference (bit-identical outputs, fewer ops).
 
     The quantized forward pass recomputes ``Q(W)`` for every batch; for evaluation the weights are fixed,
-    so each layer's weight is replaced by ``Q(W)`` and weight quantization is switched off. Every value
-    already lies on its grid, so the forward pass gives the same bits as before. Do not reconstruct or
+    so each layer's weight is replaced by ``Q(W)`` (and its bias by the int32-grid bias it adds, if any) and
+    weight quantization is switched off. Every value already lies on its grid, so the forward pass gives the
+    same bits as before. Do not reconstruct or
     save a frozen model.
     """
     for _, layer in model.quant_layers():
         if layer.quantize_weight:
+            bias = layer.effective_bias()  # the int32-grid bias needs the weight step: before switching off
             layer.layer.weight.copy_(layer.quantized_weight())
+            if bias is not None and layer.layer.bias is not None:
+                layer.layer.bias.copy_(bias)
+            layer.bias_grid = False
             layer.quantize_weight = False
     return model
 

@@ -214,15 +214,17 @@ def _one_thread() -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
-def linear(layer: nn.Linear, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``layer``'s linear map of ``x`` with ``weight`` (its bias). In portable mode on the CPU every GEMM runs
-    on one thread (:class:`_PortableLinear` when a gradient is needed); otherwise ``F.linear``."""
+def linear(layer: nn.Linear, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``layer``'s linear map of ``x`` with ``weight`` and ``bias`` (default: the layer's). In portable mode on
+    the CPU every GEMM runs on one thread (:class:`_PortableLinear` when a gradient is needed); otherwise
+    ``F.linear``."""
+    bias = layer.bias if bias is None else bias
     if _mode != "portable" or x.device.type != "cpu":
-        return F.linear(x, weight, layer.bias)
+        return F.linear(x, weight, bias)
     if not _portable_grad(x, x, weight):
         with _one_thread():
-            return F.linear(x, weight, layer.bias)
-    return _PortableLinear.apply(x, weight, layer.bias)
+            return F.linear(x, weight, bias)
+    return _PortableLinear.apply(x, weight, bias)
 
 
 def _explicit_padding(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
@@ -244,13 +246,17 @@ def _explicit_padding(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor)
     return x, list(layer.padding)  # type: ignore[arg-type]
 
 
-def conv(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``layer``'s convolution of ``x`` with ``weight`` (its bias): in portable mode on the CPU, through
-    :class:`_PortableConv`; otherwise ``layer._conv_forward``. Both give the same forward values."""
+def conv(
+    layer: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``layer``'s convolution of ``x`` with ``weight`` and ``bias`` (default: the layer's): in portable mode
+    on the CPU, through :class:`_PortableConv`; otherwise ``layer._conv_forward``. Both give the same forward
+    values."""
+    bias = layer.bias if bias is None else bias
     if not _portable_grad(x, x, weight):
-        return layer._conv_forward(x, weight, layer.bias)
+        return layer._conv_forward(x, weight, bias)
     x, padding = _explicit_padding(layer, x)
-    return _PortableConv.apply(x, weight, layer.bias, list(layer.stride), padding, list(layer.dilation), layer.groups)
+    return _PortableConv.apply(x, weight, bias, list(layer.stride), padding, list(layer.dilation), layer.groups)
 
 
 #: Elements per partial sum of :func:`fixed_sum`; ATen reduces fewer than 32768 elements (its grain) on

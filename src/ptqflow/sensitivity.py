@@ -367,7 +367,7 @@ def unit_sensitivities(
 
 
 def _init_quantizer(layer: QuantLayer, bits: int, p: float, device: torch.device) -> WeightQuantizer:
-    quantizer = WeightQuantizer(bits, layer.layer.weight.shape[0]).to(device)
+    quantizer = WeightQuantizer(bits, layer.layer.weight.shape[0], layer.weight_quantizer.symmetric).to(device)
     quantizer.init_range(layer.layer.weight, p)
     return quantizer
 

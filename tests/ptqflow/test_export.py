@@ -19,6 +19,7 @@ from ptqflow.export import (
     plain_state_dict,
     quant_table,
     tensor_quants,
+    tensorrt_violations,
 )
 from ptqflow.quant.model import QuantConfig, QuantModel, build_quant_model
 
@@ -141,7 +142,11 @@ def test_sidecar_and_initializers_match_the_model(bits: int) -> None:
             expected = layer.quantized_weight()
         assert torch.equal(deq, expected)
         assert torch.equal(state[f"{name}.weight"], expected)
-        assert torch.equal(state[f"{name}.bias"], layer.layer.bias.detach())
+        with torch.no_grad():
+            bias, step = layer.effective_bias(), layer.bias_step()
+        assert torch.equal(state[f"{name}.bias"], bias)
+        if layer.input_grid is not None:  # the int32-grid bias (QuantConfig.bias int32, the default)
+            assert step is not None and torch.equal(bias, torch.round(layer.layer.bias / step) * step)
         assert q.min() >= -(2 ** (bits - 1)) and q.max() <= 2 ** (bits - 1) - 1
     for name, aq in model.act_quantizers():
         entry = table["activations"][name]
@@ -216,3 +221,29 @@ def test_multihead_attention_float_leaf_exports() -> None:
         ref = model(x)
     agreement = compare_logits(ref, _run(model_bytes, x, optimize=False), torch.zeros(32, dtype=torch.int64))
     assert agreement["agreement"] >= 95.0  # percent; node by node, only rare rounding flips differ
+
+
+def _symmetric(bits: int) -> tuple[QuantModel, torch.Tensor]:
+    torch.manual_seed(0)
+    fp = randomize_bn(TinyResNet(), 0)
+    config = QuantConfig(weight_bits=bits, act_bits=bits, first_last_weight_bits=None, scheme="symmetric")
+    model = build_quant_model(fp, config)
+    x = torch.randn(16, 3, 8, 8)
+    return calibrate_on(model, x), x
+
+
+def test_symmetric_w8a8_graph_follows_tensorrt_rules() -> None:
+    model, x = _symmetric(8)
+    assert tensorrt_violations(export_onnx(model, x[:1], ExportConfig(opset=21))[0]) == []
+
+
+def test_tensorrt_rules_name_what_breaks_them() -> None:
+    asym, x = _quantized("resnet", 8)
+    found = tensorrt_violations(export_onnx(asym, x[:1], ExportConfig(opset=21))[0])
+    assert {v.split(":")[0] for v in found} == {"rule 1", "rule 2"}  # zero points; UINT8 activations
+    assert any("UINT8" in v for v in found)
+    sym4, x = _symmetric(4)
+    found = tensorrt_violations(export_onnx(sym4, x[:1], ExportConfig(opset=21))[0])
+    assert any(v.startswith("rule 3:") and "Clip" in v for v in found)  # 4-bit activations: Q -> Clip -> DQ
+    assert any(v.startswith("rule 2:") and "INT4" in v for v in found)  # INT4 convolution weights
+    assert not any(v.startswith("rule 1:") for v in found)

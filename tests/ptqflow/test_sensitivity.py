@@ -86,14 +86,15 @@ def test_exhaustive_tables_match_a_naive_fisher_reference(tiny: tuple[QuantModel
         q = WeightQuantizer(b, layer.layer.weight.shape[0])
         q.init_range(layer.layer.weight, 2.4)
         layer.weight_quantizer = q
-    unit.set_quant_state(weight=True, act=False)
+    # activations in float everywhere (the unit's input quantizer sits in layer1.0): float biases, as measured
+    model.set_quant_state(weight=True, act=False)
     f = store.unit("layer1.1")
     x, y, g = f.inputs(slice(0, 32)), f.outputs(slice(0, 32)), f.grads(slice(0, 32))
     with torch.no_grad():
         naive = (
             sum(float(((unit(x[i : i + 1]) - y[i : i + 1]) ** 2 * g[i : i + 1] ** 2).sum()) for i in range(32)) / 32
         )
-    unit.set_quant_state(weight=True, act=True)
+    model.set_quant_state(weight=True, act=True)
     for name, q in saved.items():
         dict(unit.quant_layers())[name].weight_quantizer = q
     measured = dict(tables[1].measured)

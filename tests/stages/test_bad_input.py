@@ -391,6 +391,8 @@ CASES = [
          {"quantize": {"convention": "mqbench"}}),
     Case("softmax", "quantize", "quantize.softmax must be one of 'uniform', 'log2'; got 'twin'",
          {"quantize": {"softmax": "twin"}}),
+    Case("bias", "quantize", "quantize.bias must be one of 'int32', 'float'; got 'int16'",
+         {"quantize": {"bias": "int16"}}),
     Case("method", "reconstruct", "reconstruct.method must be one of 'brecq', 'qdrop'; got 'adaquant'",
          {"reconstruct": {"method": "adaquant"}}),
     Case("granularity", "reconstruct", "reconstruct.granularity must be one of 'layer', 'block', 'stage', 'net'",

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -57,6 +58,14 @@ def test_export_writes_checked_artifacts_deterministically(workspace: Path) -> N
         assert m["agreement"] >= 99.5 and abs(m["top1_onnx"] - m["top1_torch"]) <= 0.1
         assert m["weight_bits"] == int(name[1]) and m["act_bits"] == 4
         assert set(m["fused"]) == {"top1_onnx", "agreement", "max_abs_logit_diff"}
+        # the second check: onnxruntime's fused integer kernels against the integer-exact simulation
+        assert m["fused"]["agreement"] >= 99.5 and abs(m["fused"]["top1_onnx"] - m["top1_int"]) <= 0.1
+        assert m["bias"] == "int32" and m["scheme"] == "asymmetric" and m["int_agreement"] >= 99.5
+        assert m["tensorrt"]["ready"] is False and m["tensorrt"]["first"][0].startswith("rule 1:")
+        if importlib.util.find_spec("openvino") is None:
+            assert "pip install" in m["openvino"]["skipped"]
+        else:
+            assert m["openvino"]["agreement"] >= 99.0
     assert metrics["w4a4"]["containers"] == ["INT4", "INT8", "UINT8"]  # INT8: first/last layer weights
     assert metrics["w2a4"]["containers"] == ["INT8", "UINT8"]
     table = json.loads((workspace / "out" / "w2a4.json").read_text())

@@ -34,6 +34,7 @@ __all__ = [
     "load_quant_model",
     "quant_payload",
     "set_weight_bits",
+    "wire_input_grids",
 ]
 
 FORMAT = {"format": "ptqflow-quantized-model", "version": 1}
@@ -59,6 +60,15 @@ class QuantConfig:
         softmax: grid of the quantizers on softmax outputs (attention probabilities): ``uniform`` (the
             affine grid of every other activation) or ``log2`` (powers of two,
             :class:`~ptqflow.quant.quantizer.Log2ActQuantizer`; no ONNX export).
+        bias: ``int32``: the bias of every layer whose input lies on one activation grid is rounded to the
+            grid of step ``s_in * s_w`` in the fake-quant forward (reconstruction, evaluation and export), as
+            integer kernels store it (onnxruntime quantizes a QDQ conv's float bias that way, TensorRT and
+            OpenVINO likewise), so the simulated model is the deployed one; ``float``: the float bias
+            (ptqflow before the integer check; what files without this key were made with).
+        scheme: ``asymmetric`` (unsigned activations and per-channel weights with zero points: onnxruntime,
+            OpenVINO) or ``symmetric`` (signed integers, zero point 0 everywhere, per-channel weights and
+            per-tensor activations: what TensorRT accepts; a ReLU output then uses the non-negative half
+            of the signed grid, as in TensorRT).
     """
 
     weight_bits: int = 4
@@ -69,9 +79,15 @@ class QuantConfig:
     calib_size: int = 256
     float_leaves: tuple[str, ...] = ()
     softmax: Literal["uniform", "log2"] = "uniform"
+    bias: Literal["int32", "float"] = "int32"
+    scheme: Literal["asymmetric", "symmetric"] = "asymmetric"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "float_leaves", tuple(self.float_leaves))
+        if self.scheme not in ("asymmetric", "symmetric"):
+            raise ConfigError(f"scheme must be one of 'asymmetric', 'symmetric', got {self.scheme!r}")
+        if self.bias not in ("int32", "float"):
+            raise ConfigError(f"bias must be one of 'int32', 'float', got {self.bias!r}")
         if self.softmax not in ("uniform", "log2"):
             raise ConfigError(f"softmax must be one of 'uniform', 'log2', got {self.softmax!r}")
         if not all(isinstance(leaf, str) and leaf for leaf in self.float_leaves):
@@ -236,7 +252,9 @@ def build_quant_model(fp_model: nn.Module, config: QuantConfig, init_weights: bo
         act_bits = config.act_bits
         if unit.kind == "stem" and config.convention == "brecq":
             act_bits = 8
-        quant_units.append(build_quant_unit(unit, config.weight_bits, act_bits, config.softmax))
+        quant_units.append(
+            build_quant_unit(unit, config.weight_bits, act_bits, config.softmax, config.scheme == "symmetric")
+        )
     model = QuantModel([u.name for u in units], quant_units)
     missing = model.unquantized_inputs()
     if missing:
@@ -248,7 +266,9 @@ def build_quant_model(fp_model: nn.Module, config: QuantConfig, init_weights: bo
         raise ModelError(f"model {type(fp_model).__name__} has no conv or linear layer to quantize")
     if config.first_last_weight_bits is not None:
         for layer in (layers[0], layers[-1]):
-            layer.weight_quantizer = WeightQuantizer(config.first_last_weight_bits, layer.layer.weight.shape[0])
+            layer.weight_quantizer = WeightQuantizer(
+                config.first_last_weight_bits, layer.layer.weight.shape[0], config.scheme == "symmetric"
+            )
     if config.convention == "qdrop" and len(quant_units) > 1 and quant_units[-1].kind == "head":
         before_head = [q for _, q in quant_units[-2].act_quantizers()]
         if before_head:
@@ -256,7 +276,33 @@ def build_quant_model(fp_model: nn.Module, config: QuantConfig, init_weights: bo
     if init_weights:
         for layer in layers:
             layer.weight_quantizer.init_range(layer.layer.weight, config.p)
+    wire_input_grids(model)
+    for layer in layers:
+        layer.bias_grid = config.bias == "int32"
     return model.eval()
+
+
+def wire_input_grids(model: QuantModel) -> None:
+    """Tell every quantized layer which activation quantizer's grid its input lies on.
+
+    The input is walked back through pass-through ops (reshapes, max pooling, ...; :func:`input_sources`)
+    to its producers; a layer reading exactly one quantizer with no averaging on the way reads that
+    quantizer's integers (an integer kernel's input), anything else (the image, an average of quantized
+    values, a concatenation of several grids) is a float input.
+    """
+    units = [unit for _, unit in model.named_units()]
+    for index, unit in enumerate(units):
+        modules = dict(unit.body.named_modules())
+        for node in unit.body.graph.nodes:
+            layer = modules.get(str(node.target)) if node.op == "call_module" else None
+            if not isinstance(layer, QuantLayer):
+                continue
+            first = node.args[0] if node.args else None
+            sources = input_sources(units, index, first) if isinstance(first, torch.fx.Node) else None
+            grid = None
+            if sources is not None and not sources[1] and len({id(q) for q in sources[0]}) == 1:
+                grid = sources[0][0]
+            layer.set_input_grid(grid)
 
 
 @torch.no_grad()
@@ -307,7 +353,7 @@ def set_weight_bits(model: QuantModel, bits: dict[str, int], p: float) -> None:
         b = check_bits(int(bits[name]), name)
         if b != layer.weight_quantizer.bits:
             weight = layer.layer.weight
-            quantizer = WeightQuantizer(b, weight.shape[0]).to(weight.device)
+            quantizer = WeightQuantizer(b, weight.shape[0], layer.weight_quantizer.symmetric).to(weight.device)
             quantizer.init_range(weight, p)
             layer.weight_quantizer = quantizer
 
@@ -342,7 +388,9 @@ def load_quant_model(
         raise ModelError(
             f"{source} has format version {payload.get('version')}; this ptqflow reads {FORMAT['version']}"
         )
-    config = QuantConfig(**{**payload["config"], "float_leaves": tuple(payload["config"].get("float_leaves", ()))})
+    # files written before the int32 bias grid carry no "bias" key: they were made (and report) with float biases
+    stored = {"bias": "float", **payload["config"]}
+    config = QuantConfig(**{**stored, "float_leaves": tuple(stored.get("float_leaves", ()))})
     model = build_quant_model(build_fp(payload["model"]), config, init_weights=False)
     state = payload["state_dict"]
     try:

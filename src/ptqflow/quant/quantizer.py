@@ -1,11 +1,13 @@
 """Uniform affine quantizers with an Lp-norm range search.
 
 Notation (algorithms.md section 1): ``Q(x) = s * (clamp(round(x / s) + z, 0, 2^b - 1) - z)`` on an unsigned,
-asymmetric grid. Weights are quantized per output channel, activations per tensor. The range is chosen
-as in BRECQ's ``mse`` initialiser: shrink ``[min, max]`` by 1 % steps (80 candidates) and keep the one
-minimising ``mean |x - Q(x)|^p`` with ``p = 2.4`` (the Lp norm of LAPQ, Nahshan et al. 2021).
-Rounding uses the straight-through estimator, so activation step sizes can be learned (LSQ, Esser et
-al., ICLR 2020).
+asymmetric grid. The symmetric scheme (TensorRT's: signed integers, zero point 0) is the same formula with
+``z = 2^(b-1)`` fixed: the centred integers ``q - z`` span ``[-2^(b-1), 2^(b-1) - 1]``, the grid holds 0
+exactly, and only the step is searched (and learned). Weights are quantized per output channel,
+activations per tensor. The range is chosen as in BRECQ's ``mse`` initialiser: shrink ``[min, max]`` by
+1 % steps (80 candidates) and keep the one minimising ``mean |x - Q(x)|^p`` with ``p = 2.4`` (the Lp norm
+of LAPQ, Nahshan et al. 2021). Rounding uses the straight-through estimator, so activation step sizes can
+be learned (LSQ, Esser et al., ICLR 2020).
 """
 
 from __future__ import annotations
@@ -73,7 +75,9 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
 
 
 @torch.no_grad()
-def lp_range_search(x: torch.Tensor, bits: int, p: float = 2.4, steps: int = 80) -> tuple[torch.Tensor, torch.Tensor]:
+def lp_range_search(
+    x: torch.Tensor, bits: int, p: float = 2.4, steps: int = 80, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row scale and zero point minimising ``mean |x - Q(x)|^p`` over shrunk ranges.
 
     Args:
@@ -81,14 +85,20 @@ def lp_range_search(x: torch.Tensor, bits: int, p: float = 2.4, steps: int = 80)
         bits: bit-width b.
         p: the norm's exponent.
         steps: candidates ``[min, max] * (1 - 0.01 i)``, ``i = 0 .. steps - 1``.
+        symmetric: the signed grid (zero point ``2^(b-1)``): candidates ``max |x| * (1 - 0.01 i)`` mapped to
+            the largest positive integer, ``s = m / (2^(b-1) - 1)`` (TensorRT's max calibration, shrunk).
 
     Returns:
         ``(scale, zero_point)``, each ``(rows,)``; the zero point is an integer in ``[0, 2^b - 1]``.
     """
     x = x.float()
     qmax = 2**bits - 1
-    xmin = x.amin(dim=1)
-    xmax = x.amax(dim=1)
+    if symmetric:
+        amax = x.abs().amax(dim=1)
+        xmin, xmax = -amax * (2 ** (bits - 1)) / (2 ** (bits - 1) - 1), amax
+    else:
+        xmin = x.amin(dim=1)
+        xmax = x.amax(dim=1)
     best_score = torch.full_like(xmin, float("inf"))
     best_scale = torch.ones_like(xmin)
     best_zero = torch.zeros_like(xmin)
@@ -96,7 +106,7 @@ def lp_range_search(x: torch.Tensor, bits: int, p: float = 2.4, steps: int = 80)
         factor = 1.0 - 0.01 * i
         lo, hi = xmin * factor, xmax * factor
         scale = ((hi - lo) / qmax).clamp_min(_EPS)
-        zero = (-lo / scale).round().clamp(0, qmax)
+        zero = torch.full_like(scale, 2 ** (bits - 1)) if symmetric else (-lo / scale).round().clamp(0, qmax)
         q = fake_quantize(x, scale[:, None], zero[:, None], bits)
         score = fixed_sum((x - q).abs().pow(p), dim=1) / x.shape[1]
         better = score < best_score
@@ -107,29 +117,33 @@ def lp_range_search(x: torch.Tensor, bits: int, p: float = 2.4, steps: int = 80)
 
 
 class WeightQuantizer(nn.Module):
-    """Per-output-channel asymmetric weight quantizer (scale and zero point frozen after init).
+    """Per-output-channel weight quantizer (scale and zero point frozen after init).
 
     Args:
         bits: bit-width b.
         channels: output channels (the first dimension of the weight).
+        symmetric: the signed grid with zero point ``2^(b-1)`` (module docstring); else asymmetric.
     """
 
     scale: torch.Tensor
     zero_point: torch.Tensor
 
-    def __init__(self, bits: int, channels: int) -> None:
+    def __init__(self, bits: int, channels: int, symmetric: bool = False) -> None:
         super().__init__()
         self.bits = check_bits(bits, "weight bits")
+        self.symmetric = symmetric
         self.register_buffer("scale", torch.ones(channels))
         self.register_buffer("zero_point", torch.zeros(channels))
         self.initialized = False
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, channels={self.scale.numel()}"
+        return f"bits={self.bits}, channels={self.scale.numel()}" + (", symmetric" if self.symmetric else "")
 
     def init_range(self, weight: torch.Tensor, p: float = 2.4) -> None:
         """Choose scale and zero point for ``weight`` by the Lp search (BRECQ's ``mse`` init)."""
-        scale, zero = lp_range_search(weight.detach().reshape(weight.shape[0], -1), self.bits, p)
+        scale, zero = lp_range_search(
+            weight.detach().reshape(weight.shape[0], -1), self.bits, p, symmetric=self.symmetric
+        )
         self.scale.copy_(scale)
         self.zero_point.copy_(zero)
         self.initialized = True
@@ -151,13 +165,15 @@ class ActQuantizer(nn.Module):
 
     Args:
         bits: bit-width b.
+        symmetric: the signed grid with zero point ``2^(b-1)`` (module docstring); else asymmetric.
     """
 
     zero_point: torch.Tensor
 
-    def __init__(self, bits: int) -> None:
+    def __init__(self, bits: int, symmetric: bool = False) -> None:
         super().__init__()
         self.bits = check_bits(bits, "activation bits")
+        self.symmetric = symmetric
         self.scale = nn.Parameter(torch.ones(()))
         self.register_buffer("zero_point", torch.zeros(()))
         self.enabled = True
@@ -171,7 +187,7 @@ class ActQuantizer(nn.Module):
         self.initialized = False
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}"
+        return f"bits={self.bits}" + (", symmetric" if self.symmetric else "")
 
     def _take_observed(self) -> torch.Tensor:
         """The observed activations, flattened (a deterministic strided subsample beyond the search bound);
@@ -189,7 +205,7 @@ class ActQuantizer(nn.Module):
     @torch.no_grad()
     def init_range(self, p: float = 2.4) -> None:
         """Set scale and zero point from the observed activations; stop observing."""
-        scale, zero = lp_range_search(self._take_observed()[None, :], self.bits, p)
+        scale, zero = lp_range_search(self._take_observed()[None, :], self.bits, p, symmetric=self.symmetric)
         self.scale.copy_(scale[0])
         self.zero_point.copy_(zero[0])
 

@@ -28,7 +28,7 @@ from ptqflow.errors import ModelError
 from ptqflow.kernels import conv, linear
 from ptqflow.ops import WEIGHT_MODULES, is_softmax
 from ptqflow.quant.adaround import MIN_SCALE, AdaRound
-from ptqflow.quant.quantizer import ActQuantizer, Log2ActQuantizer, WeightQuantizer
+from ptqflow.quant.quantizer import _EPS, ActQuantizer, Log2ActQuantizer, WeightQuantizer, round_ste
 from ptqflow.units import Unit
 
 __all__ = ["QuantLayer", "QuantUnit", "build_quant_unit"]
@@ -37,16 +37,63 @@ __all__ = ["QuantLayer", "QuantUnit", "build_quant_unit"]
 class QuantLayer(nn.Module):
     """A folded conv or linear layer whose weight passes through a :class:`WeightQuantizer`."""
 
-    def __init__(self, layer: nn.Module, weight_bits: int) -> None:
+    def __init__(self, layer: nn.Module, weight_bits: int, symmetric: bool = False) -> None:
         super().__init__()
         if type(layer) not in WEIGHT_MODULES:
             raise ModelError(
                 f"QuantLayer wraps {', '.join(t.__name__ for t in WEIGHT_MODULES)}, got {type(layer).__name__}"
             )
         self.layer: nn.Conv1d | nn.Conv2d | nn.Conv3d | nn.Linear = layer  # type: ignore[assignment]
-        self.weight_quantizer = WeightQuantizer(weight_bits, self.layer.weight.shape[0])
+        self.weight_quantizer = WeightQuantizer(weight_bits, self.layer.weight.shape[0], symmetric)
         self.quantize_weight = True
         self.adaround: AdaRound | None = None
+        #: Round the bias to the int32 grid of step ``s_in * s_w`` (``QuantConfig.bias``), as integer runtimes do.
+        self.bias_grid = False
+        # The activation quantizer whose grid this layer's input lies on (None: the input is the image, an
+        # average of quantized values, or several grids). A plain attribute, not a submodule: the quantizer
+        # belongs to the unit (or an earlier unit) that produces the input.
+        self.__dict__["input_grid"] = None
+
+    @property
+    def input_grid(self) -> ActQuantizer | None:
+        """The activation quantizer whose integers this layer reads (:func:`ptqflow.quant.model.wire_input_grids`)."""
+        grid: ActQuantizer | None = self.__dict__["input_grid"]
+        return grid
+
+    def set_input_grid(self, quantizer: ActQuantizer | None) -> None:
+        """Record the quantizer producing this layer's input (not registered as a submodule)."""
+        self.__dict__["input_grid"] = quantizer
+
+    def weight_scale(self) -> torch.Tensor:
+        """The per-channel weight step ``(C_out,)`` the forward uses (AdaRound's learned one while attached)."""
+        if self.adaround is not None:
+            scale = self.adaround.scale
+            if isinstance(scale, nn.Parameter):
+                scale = scale.clamp_min(MIN_SCALE)
+            return scale.reshape(-1)
+        return self.weight_quantizer.scale
+
+    def bias_step(self) -> torch.Tensor | None:
+        """``s_in * s_w`` per output channel (float32, the product an integer runtime quantizes the bias with),
+        or ``None`` when the input is not on one quantized grid right now (image, average, quantizer off)."""
+        source = self.input_grid
+        if source is None or not source.enabled or source.observing or not self.quantize_weight:
+            return None
+        s_in = source.scale.abs().clamp_min(_EPS)
+        return s_in * self.weight_scale()
+
+    def effective_bias(self) -> torch.Tensor | None:
+        """The bias the forward adds: with ``bias_grid`` and a quantized input, ``round(b / s) * s`` with
+        ``s = s_in * s_w`` (saturated to int32) -- the int32 bias of an integer kernel (onnxruntime's QDQ bias
+        quantization, TensorRT, OpenVINO), straight-through for the steps' gradients; else the float bias."""
+        bias = self.layer.bias
+        if bias is None or not self.bias_grid:
+            return bias
+        step = self.bias_step()
+        if step is None:
+            return bias
+        q = round_ste(bias / step).clamp(-(2.0**31), 2.0**31 - 1)
+        return q * step
 
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the forward pass uses it (fake-quantized when ``quantize_weight``)."""
@@ -80,9 +127,10 @@ class QuantLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantized_weight()
+        bias = self.effective_bias()
         if isinstance(self.layer, nn.Linear):
-            return linear(self.layer, x, w)
-        return conv(self.layer, x, w)
+            return linear(self.layer, x, w, bias)
+        return conv(self.layer, x, w, bias)
 
 
 class QuantUnit(nn.Module):
@@ -94,9 +142,12 @@ class QuantUnit(nn.Module):
         act_bits: bits of every activation quantizer of the unit.
         softmax: grid of the quantizers on softmax outputs: ``uniform`` or ``log2``
             (:class:`~ptqflow.quant.quantizer.Log2ActQuantizer`).
+        symmetric: every weight and uniform activation quantizer on the signed, zero-point-0 grid.
     """
 
-    def __init__(self, unit: Unit, weight_bits: int, act_bits: int, softmax: str = "uniform") -> None:
+    def __init__(
+        self, unit: Unit, weight_bits: int, act_bits: int, softmax: str = "uniform", symmetric: bool = False
+    ) -> None:
         super().__init__()
         self.kind = unit.kind
         self.float_leaves = tuple(unit.float_leaves)
@@ -106,7 +157,7 @@ class QuantUnit(nn.Module):
             if node.op == "call_module":
                 module = body.get_submodule(str(node.target))
                 if type(module) in WEIGHT_MODULES:
-                    body.set_submodule(str(node.target), QuantLayer(module, weight_bits))
+                    body.set_submodule(str(node.target), QuantLayer(module, weight_bits, symmetric))
         prefix = re.sub(r"[^0-9a-zA-Z_]", "_", unit.prefix) + "_" if unit.prefix else ""  # as fx names nodes
         nodes = {n.name: n for n in graph.nodes}
         modules = dict(body.named_modules())
@@ -116,7 +167,7 @@ class QuantUnit(nn.Module):
             if hasattr(body, name):
                 raise ModelError(f"unit {unit.name}: submodule {name} clashes with an activation quantizer name")
             log2 = softmax == "log2" and is_softmax(node, modules)
-            body.add_submodule(name, Log2ActQuantizer(act_bits) if log2 else ActQuantizer(act_bits))
+            body.add_submodule(name, Log2ActQuantizer(act_bits) if log2 else ActQuantizer(act_bits, symmetric))
             with graph.inserting_after(node):
                 quantized = graph.call_module(name, (node,))
             node.replace_all_uses_with(quantized, delete_user_cb=lambda user, q=quantized: user is not q)
@@ -152,6 +203,8 @@ class QuantUnit(nn.Module):
             quantizer.enabled = act
 
 
-def build_quant_unit(unit: Unit, weight_bits: int, act_bits: int, softmax: str = "uniform") -> QuantUnit:
-    """Quantize one FP unit (BN already folded); ``softmax``: see :class:`QuantUnit`."""
-    return QuantUnit(unit, weight_bits, act_bits, softmax)
+def build_quant_unit(
+    unit: Unit, weight_bits: int, act_bits: int, softmax: str = "uniform", symmetric: bool = False
+) -> QuantUnit:
+    """Quantize one FP unit (BN already folded); ``softmax``, ``symmetric``: see :class:`QuantUnit`."""
+    return QuantUnit(unit, weight_bits, act_bits, softmax, symmetric)
