@@ -393,6 +393,8 @@ CASES = [
          {"quantize": {"softmax": "twin"}}),
     Case("bias", "quantize", "quantize.bias must be one of 'int32', 'float'; got 'int16'",
          {"quantize": {"bias": "int16"}}),
+    Case("scheme", "quantize", "quantize.scheme must be one of 'asymmetric', 'symmetric'; got 'affine'",
+         {"quantize": {"scheme": "affine"}}),
     Case("method", "reconstruct", "reconstruct.method must be one of 'brecq', 'qdrop'; got 'adaquant'",
          {"reconstruct": {"method": "adaquant"}}),
     Case("granularity", "reconstruct", "reconstruct.granularity must be one of 'layer', 'block', 'stage', 'net'",

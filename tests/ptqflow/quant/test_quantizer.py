@@ -110,3 +110,28 @@ def test_qdrop_mix_is_where_bit_for_bit() -> None:
     assert torch.equal(out, ref)
     g_out, g_ref = torch.autograd.grad(out.sum(), x), torch.autograd.grad(ref.sum(), x)
     assert torch.equal(g_out[0], g_ref[0])
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_symmetric_search_keeps_zero_point_half_range(bits: int) -> None:
+    x = torch.randn(5, 300)
+    scale, zero = lp_range_search(x, bits, symmetric=True)
+    assert torch.all(zero == 2 ** (bits - 1))
+    # every candidate maps max|x| (shrunk by 1 % steps) to the largest positive integer 2^(b-1) - 1
+    ratio = (x.abs().amax(dim=1) / (2 ** (bits - 1) - 1)) / scale
+    assert torch.all((ratio >= 1 - 1e-5) & (ratio <= 1 / (1 - 0.79) + 1e-5))
+    q = fake_quantize(x, scale[:, None], zero[:, None], bits)
+    centred = q / scale[:, None]
+    assert torch.allclose(centred, centred.round(), atol=1e-4)  # signed integers on a grid holding 0
+    assert centred.round().min() >= -(2 ** (bits - 1)) and centred.round().max() <= 2 ** (bits - 1) - 1
+    assert torch.equal(fake_quantize(torch.zeros(5, 1), scale[:, None], zero[:, None], bits), torch.zeros(5, 1))
+
+
+def test_symmetric_relu_output_uses_the_positive_half() -> None:
+    q = ActQuantizer(4, symmetric=True)
+    q.observing = True
+    q(torch.relu(torch.randn(64, 8)))
+    q.init_range()
+    assert q.zero_point.item() == 8  # ONNX zero point 0 in a signed container
+    out = q(torch.relu(torch.randn(64, 8)))
+    assert (out / q.scale.detach()).round().max() <= 7  # TensorRT's INT grid: 8 non-negative levels at 4 bits
