@@ -11,7 +11,10 @@ integer kernels) and OpenVINO (CPU, f32 float parts). Agreements are per-sample 
 Needs ``dvc repro prepare`` and ``ptqflow[export]`` (onnxruntime, openvino).
 
     python bench/deploy_table.py [--models resnet20 mobilenetv2_s] [--bits 8/8 4/4 2/4] [--recon 4/4 2/4]
-        [--configs asymmetric/float asymmetric/int32 symmetric/int32] [--iters 300] [--seed 0]
+        [--configs asymmetric/float asymmetric/int32 symmetric/int32] [--mp] [--iters 300] [--seed 0]
+
+``--mp`` adds the demo's mixed model (W/A ``mp``): KL sensitivities of 2/3/4/8-bit weights on the W3A4 RTN
+model, the exact size front, the least-sensitive point at <= 3.0 average weight bits, RTN and reconstructed.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from ptqflow.data import normalize
 from ptqflow.evaluate import predict_logits
 from ptqflow.export import ExportConfig, compare_logits, export_onnx, onnx_logits, openvino_session
 from ptqflow.integer import IntegerModel
-from ptqflow.quant.model import QuantConfig, QuantModel
+from ptqflow.quant.model import QuantConfig, QuantModel, set_weight_bits
 from ptqflow.recon.reconstruct import ReconConfig, reconstruct
+from ptqflow.search import BitSpace, SearchConfig, pareto_front, select
+from ptqflow.sensitivity import SensitivityConfig, layer_infos, unit_sensitivities
 from stages.common import load_split
 
 CPU = torch.device("cpu")  # onnxruntime and OpenVINO run on the CPU; compare on the same device
@@ -65,7 +70,7 @@ def _row(model: QuantModel, test: object, batch: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2_s"])
-    parser.add_argument("--bits", nargs="+", default=["8/8", "4/4", "2/4"], help="RTN W/A pairs")
+    parser.add_argument("--bits", nargs="*", default=["8/8", "4/4", "2/4"], help="RTN W/A pairs")
     parser.add_argument(
         "--recon", nargs="*", default=["4/4", "2/4"], help="W/A pairs also reconstructed (QDrop + Genie-M)"
     )
@@ -73,6 +78,9 @@ def main() -> None:
         "--configs", nargs="+", default=["asymmetric/float", "asymmetric/int32", "symmetric/int32"],
         help="scheme/bias pairs (quantize.scheme, quantize.bias)",
     )  # fmt: skip
+    parser.add_argument(
+        "--mp", action="store_true", help="also the demo's mixed model: 2/3/4/8-bit weights at <= 3.0 average bits, A4"
+    )
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=500)
@@ -89,13 +97,20 @@ def main() -> None:
             store = build_store(fp, 1024, Path(tmp) / f"{name}.zarr")
             for combo in args.configs:
                 scheme, bias = combo.split("/")
-                for pair in dict.fromkeys([*args.bits, *args.recon]):
-                    w, a = (int(b) for b in pair.split("/"))
+                for pair in dict.fromkeys([*args.bits, *args.recon, *(["mp"] if args.mp else [])]):
+                    w, a = (3, 4) if pair == "mp" else (int(b) for b in pair.split("/"))
                     start = time.perf_counter()
                     qconfig = QuantConfig(weight_bits=w, act_bits=a, bias=bias, scheme=scheme)  # type: ignore[arg-type]
                     rtn = rtn_model(fp, store, qconfig, CPU).eval()
-                    models = [("RTN", rtn)] if pair in args.bits else []
-                    if pair in args.recon:
+                    if pair == "mp":  # the demo's selection: KL sensitivities, exact size front, <= 3.0 avg bits
+                        infos = layer_infos(rtn, store.unit(store.units[0]).inputs(slice(0, 1)), 8)
+                        sens = SensitivityConfig(candidate_bits=(2, 3, 4, 8), metric="kl")
+                        tables = unit_sensitivities(rtn, store, infos, sens, 2.4, CPU)
+                        front = pareto_front(BitSpace(infos, tables, act_bits=4), "size", SearchConfig())
+                        set_weight_bits(rtn, select(front, "avg_bits", 3.0)["bits"], 2.4)
+                        rtn.eval()
+                    models = [("RTN", rtn)] if pair in (*args.bits, "mp") else []
+                    if pair in (*args.recon, "mp"):
                         model = copy.deepcopy(rtn)
                         config = ReconConfig(
                             method="qdrop", weight_scale_lr=1e-4, iters=args.iters, reg_weight=REG_WEIGHT[name],

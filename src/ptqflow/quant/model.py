@@ -19,7 +19,7 @@ from ptqflow.atomic import safe_load_failure
 from ptqflow.errors import ConfigError, ModelError
 from ptqflow.fold import fold_bn
 from ptqflow.ops import OpKind, averages, classify_function, classify_method, classify_node
-from ptqflow.quant.quantizer import ActQuantizer, WeightQuantizer, check_bits
+from ptqflow.quant.quantizer import ActQuantizer, Log2ActQuantizer, WeightQuantizer, check_bits
 from ptqflow.quant.units import QuantLayer, QuantUnit, build_quant_unit
 from ptqflow.units import FLOAT_LEAF_HINT, extract_units, reader_inputs
 
@@ -288,7 +288,7 @@ def wire_input_grids(model: QuantModel) -> None:
     The input is walked back through pass-through ops (reshapes, max pooling, ...; :func:`input_sources`)
     to its producers; a layer reading exactly one quantizer with no averaging on the way reads that
     quantizer's integers (an integer kernel's input), anything else (the image, an average of quantized
-    values, a concatenation of several grids) is a float input.
+    values, a concatenation of several grids, a log2 grid) is a float input.
     """
     units = [unit for _, unit in model.named_units()]
     for index, unit in enumerate(units):
@@ -301,7 +301,7 @@ def wire_input_grids(model: QuantModel) -> None:
             sources = input_sources(units, index, first) if isinstance(first, torch.fx.Node) else None
             grid = None
             if sources is not None and not sources[1] and len({id(q) for q in sources[0]}) == 1:
-                grid = sources[0][0]
+                grid = None if isinstance(sources[0][0], Log2ActQuantizer) else sources[0][0]  # log2: no integers
             layer.set_input_grid(grid)
 
 
