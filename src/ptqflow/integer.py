@@ -132,7 +132,9 @@ def _layer_int(layer: QuantLayer, x: torch.Tensor, requant: ActQuantizer | None)
     else:
         acc = layer.layer._conv_forward(x_int.to(dtype), w_int.to(dtype), None)
         out_view = (-1,) + (1,) * (acc.dim() - 2)
-    step = s_x * s_w  # float32, the product the runtime quantizes the bias with
+    step = layer.bias_step()  # s_x * s_w in float32: the product the runtime quantizes the bias with
+    assert step is not None  # an integer input is an enabled quantizer's grid
+    step = step.detach().float()
     bias = layer.effective_bias()
     if requant is None:  # an unfused node: float conv of the dequantized values plus the float bias
         out = acc * step.to(acc.dtype).view(out_view)
