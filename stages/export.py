@@ -35,6 +35,7 @@ from ptqflow.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, batches, normali
 from ptqflow.errors import ConfigError, ExportError, ModelError
 from ptqflow.export import (
     ExportConfig,
+    beyond_thresholds,
     compare_logits,
     export_onnx,
     onnx_session,
@@ -137,14 +138,6 @@ def _all_logits(model: QuantModel, onnx_bytes: bytes, test: TestBatches) -> tupl
     return {k: torch.cat(v) for k, v in out.items()}, skipped
 
 
-def _check(result: dict[str, float], config: ExportStageConfig, what: str) -> str | None:
-    """A failure line when ``result`` (:func:`compare_logits`) breaks the thresholds, else ``None``."""
-    diff = abs(result["top1_onnx"] - result["top1_torch"])
-    if diff > config.max_top1_diff or result["agreement"] < config.min_agreement:
-        return f"{what}: top-1 {result['top1_onnx']} vs {result['top1_torch']}, agreement {result['agreement']}%"
-    return None
-
-
 def run(
     params: dict[str, Any], models_dir: Path, test: Path, out: Path, metrics_path: Path, images: Path | None = None
 ) -> dict[str, Any]:
@@ -206,12 +199,10 @@ def run(
                 "onnx_bytes": len(onnx_bytes),
             }
             log.info("%s: %s", path.stem, metrics[path.stem])
-            for line in (
-                _check(result, config, f"{path.stem} node by node vs torch fake-quant"),
-                _check(fused, config, f"{path.stem} fused session vs integer-exact"),
-            ):
-                if line is not None:
-                    failures.append(line)
+            for what, res in (("node by node vs torch fake-quant", result), ("fused session vs integer-exact", fused)):
+                failure = beyond_thresholds(res, config.max_top1_diff, config.min_agreement)
+                if failure is not None:
+                    failures.append(f"{path.stem} {what}: {failure}")
         if failures:
             raise ExportError(
                 f"onnxruntime disagrees beyond export.max_top1_diff={config.max_top1_diff} / "

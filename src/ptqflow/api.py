@@ -32,7 +32,7 @@ from torch import nn
 from ptqflow.atomic import atomic_save_torch, atomic_write_bytes
 from ptqflow.errors import ConfigError, ExportError, ModelError
 from ptqflow.evaluate import accuracy
-from ptqflow.export import ExportConfig, compare_logits, export_onnx, onnx_session_logits
+from ptqflow.export import ExportConfig, beyond_thresholds, compare_logits, export_onnx, onnx_session_logits
 from ptqflow.features import FeatureStore, FeatureStoreWriter, extract_features
 from ptqflow.fold import fold_bn
 from ptqflow.integer import IntegerModel
@@ -240,10 +240,11 @@ def export_model(
         result.update({f"fused_{k}": fused[k] for k in ("top1_onnx", "agreement", "max_abs_logit_diff")})
         result["top1_int"] = fused["top1_torch"]
         for what, res in (("node by node vs PyTorch", result), ("fused vs integer-exact", fused)):
-            if abs(res["top1_onnx"] - res["top1_torch"]) > max_top1_diff or res["agreement"] < min_agreement:
+            failure = beyond_thresholds(res, max_top1_diff, min_agreement)
+            if failure is not None:
                 raise ExportError(
-                    f"onnxruntime ({what}) disagrees: top-1 {res['top1_onnx']} vs {res['top1_torch']}, "
-                    f"agreement {res['agreement']}% (max_top1_diff={max_top1_diff}, min_agreement={min_agreement})"
+                    f"onnxruntime ({what}) disagrees: {failure} "
+                    f"(max_top1_diff={max_top1_diff}, min_agreement={min_agreement})"
                 )
     atomic_write_bytes(Path(path), onnx_bytes)
     return result

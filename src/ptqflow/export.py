@@ -55,6 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "INT4_OPSET",
+    "beyond_thresholds",
     "MAX_OPSET",
     "MIN_OPSET",
     "ExportConfig",
@@ -589,6 +590,15 @@ def tensorrt_violations(model_bytes: bytes) -> list[str]:
                 what = "weight" if position == 1 else "input"
                 found.append(f"rule 5: the {what} of {node.name} does not come through a DequantizeLinear")
     return found
+
+
+def beyond_thresholds(result: dict[str, float], max_top1_diff: float, min_agreement: float) -> str | None:
+    """``top-1 <candidate> vs <reference>, agreement <a>%`` when :func:`compare_logits`' ``result`` differs
+    by more than ``max_top1_diff`` points of top-1 or agrees on fewer than ``min_agreement`` percent of the
+    samples (the export check's rule), else ``None``."""
+    if abs(result["top1_onnx"] - result["top1_torch"]) > max_top1_diff or result["agreement"] < min_agreement:
+        return f"top-1 {result['top1_onnx']} vs {result['top1_torch']}, agreement {result['agreement']}%"
+    return None
 
 
 def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
