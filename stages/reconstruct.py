@@ -25,10 +25,11 @@ import torch
 from ptqflow.atomic import atomic_dir, atomic_save_torch, atomic_write_text, safe_load_failure
 from ptqflow.errors import ConfigError, ModelError
 from ptqflow.features import FeatureStore
+from ptqflow.fold import BNStatistics, bn_statistics
 from ptqflow.models import build_model
 from ptqflow.quant.model import QuantModel, load_quant_file, quant_payload
 from ptqflow.recon.reconstruct import ReconConfig, Step, reconstruct
-from stages.common import free_bytes, require_grads, resolve_device, unit_progress
+from stages.common import free_bytes, load_fp_model, require_grads, resolve_device, unit_progress
 from stages.params import BaseConfig, section
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,7 @@ def _reconstruct_one(
     progress: Callable[[int, str], Callable[[int, float], None]],
     memory: str,
     scratch: Path,
+    bn_stats: dict[str, BNStatistics] | None,
 ) -> list[dict[str, Any]]:
     start = 0
     state_file = resume_dir / "state.pt"
@@ -179,6 +181,7 @@ def _reconstruct_one(
         scratch=scratch if memory == "stream" else None,
         on_step_done=checkpoint,
         progress=progress,
+        bn_stats=bn_stats,
     )
     return rows
 
@@ -232,6 +235,8 @@ def run(
                 f"reconstruct.targets: {target!r} is not a quantize.bits entry or selected model; "
                 f"allowed: {sorted(sources)}"
             )
+    # PD-Quant's distribution correction reads the FP model's BatchNorm statistics (folding drops them).
+    bn_stats = bn_statistics(load_fp_model(base)) if config.dc_iters > 0 else None
     resume_root = out.parent / f"{out.name}.resume"
     scratch = out.parent / f"{out.name}.scratch"  # base.memory: stream's spill files, removed at the end
     if base.memory == "stream":
@@ -249,6 +254,8 @@ def run(
             model, model_name, qconfig = load_quant_file(rtn, build_model)
             if model.names != store.units:
                 raise ModelError(f"{rtn} has units {model.names[:3]}..., the feature store {store.units[:3]}...")
+            if bn_stats is not None and model_name != base.model:
+                raise ConfigError(f"base.model: {base.model!r}, but {rtn} quantizes {model_name!r}")
             groups = unit_groups(model.names, config.granularity, plan)
             resume_dir = resume_root / _resume_key(config, target, rtn, store, groups)
             torch.manual_seed(config.seed)
@@ -264,6 +271,7 @@ def run(
                 unit_progress(base.threads),
                 base.memory,
                 scratch,
+                bn_stats,
             )
             atomic_save_torch(quant_payload(model.cpu(), model_name, qconfig), tmp_out / f"{target}.pt")
             header = "step\tphase\tunit\tloss_before\tloss_after\n"

@@ -224,9 +224,15 @@ STAGES: dict[str, StageSpec] = {
     "reconstruct": StageSpec(
         cmd="ptqflow reconstruct --features data/features/store.zarr --rtn data/quantize{rtn_select}{plan} "
         "--out data/reconstruct --plots plots/reconstruct --timing metrics/timing.json --unit-seconds plots/timing",
-        data=("data/features/store.zarr", "data/quantize", "{select}", "{plan_file}"),
-        code=(*_lib("recon", "quant"), *_PLACE, *_lib("features.py", "models.py"), "stages/reconstruct.py"),
-        params=("base.kernels", "base.device", "reconstruct"),
+        data=("data/features/store.zarr", "data/quantize", "{select}", "{plan_file}", "${base.weights}"),
+        code=(
+            *_lib("recon", "quant"),
+            *_PLACE,
+            *_lib("features.py", "fold.py", "models.py"),
+            "stages/reconstruct.py",
+            "stages/common.py",
+        ),
+        params=("base.kernels", "base.model", "base.weights", "base.device", "reconstruct"),
         outs=("data/reconstruct",),
         metrics=(
             # Wall seconds: nondeterministic, so kept out of the byte-identical outputs (README "Reproducibility").

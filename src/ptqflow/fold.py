@@ -10,6 +10,7 @@ For a conv with weight W, bias b and a BN with running mean mu, variance var, sc
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 import torch.fx
@@ -17,7 +18,7 @@ from torch import nn
 
 from ptqflow.errors import ModelError
 
-__all__ = ["find_conv_bn_pairs", "fold_bn", "fold_conv_bn"]
+__all__ = ["BNStatistics", "bn_statistics", "find_conv_bn_pairs", "fold_bn", "fold_conv_bn"]
 
 
 @torch.no_grad()
@@ -82,3 +83,57 @@ def fold_bn(model: nn.Module) -> nn.Module:
         model.set_submodule(conv_name, fold_conv_bn(conv, bn))
         model.set_submodule(bn_name, nn.Identity())
     return model
+
+
+@dataclass(frozen=True)
+class BNStatistics:
+    """What a folded conv forgets about its BN: the running statistics of the conv's own output ``z``
+    (before the BN) and the affine map ``y = factor * (z - mean) + shift`` that folding merged into it.
+
+    ``std`` is ``sqrt(running_var + eps)`` (``eps``: the BN's); every tensor is ``(C_out,)``.
+    :meth:`pre_bn` recovers ``z`` from the folded conv's output ``y`` for the channels with ``factor != 0``
+    (the others are constant after the BN and carry no statistics a correction could use).
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    factor: torch.Tensor
+    shift: torch.Tensor
+    eps: float = 1e-5
+
+    def pre_bn(self, y: torch.Tensor) -> torch.Tensor:
+        """``z = (y - shift) / factor + mean`` per channel (dim 1); channels with ``factor == 0`` give ``mean``."""
+        view = (1, -1) + (1,) * (y.dim() - 2)
+        factor = self.factor.to(y).view(view)
+        safe = torch.where(factor == 0, torch.ones_like(factor), factor)
+        z = (y - self.shift.to(y).view(view)) / safe + self.mean.to(y).view(view)
+        return torch.where(factor == 0, self.mean.to(y).view(view).expand_as(z), z)
+
+    def live(self) -> torch.Tensor:
+        """Boolean ``(C_out,)``: the channels whose pre-BN statistics :meth:`pre_bn` can recover."""
+        return self.factor != 0
+
+
+@torch.no_grad()
+def bn_statistics(model: nn.Module) -> dict[str, BNStatistics]:
+    """For every conv that :func:`fold_bn` folds: its module path -> its BN's :class:`BNStatistics`.
+
+    Read from the unfolded FP model (folding keeps no trace of the running statistics); PD-Quant's
+    distribution correction (:func:`ptqflow.recon.reconstruct.correct_inputs`) moves a block's calibration
+    input toward them.
+    """
+    out: dict[str, BNStatistics] = {}
+    for conv_name, bn_name in find_conv_bn_pairs(model):
+        bn = model.get_submodule(bn_name)
+        assert isinstance(bn, nn.BatchNorm2d) and bn.running_mean is not None and bn.running_var is not None
+        std = torch.sqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(std)
+        beta = bn.bias if bn.bias is not None else torch.zeros_like(std)
+        out[conv_name] = BNStatistics(
+            mean=bn.running_mean.detach().clone().float(),
+            std=std.detach().clone().float(),
+            factor=(gamma / std).detach().clone().float(),
+            shift=beta.detach().clone().float(),
+            eps=float(bn.eps),
+        )
+    return out

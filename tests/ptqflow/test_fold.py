@@ -5,7 +5,7 @@ import torch
 from helpers import TinyResNet, randomize_bn
 from torch import nn
 
-from ptqflow.fold import find_conv_bn_pairs, fold_bn, fold_conv_bn
+from ptqflow.fold import bn_statistics, find_conv_bn_pairs, fold_bn, fold_conv_bn
 from ptqflow.models import build_model
 
 
@@ -56,3 +56,24 @@ def test_fold_does_not_touch_the_original() -> None:
     model = randomize_bn(TinyResNet())
     fold_bn(model)
     assert isinstance(model.bn1, nn.BatchNorm2d)
+
+
+def test_bn_statistics_recover_the_pre_bn_output_of_every_folded_conv() -> None:
+    """What folding forgets, kept: from a folded conv's output, ``pre_bn`` gives the unfolded conv's own
+    output, whose running statistics the BN holds (PD-Quant's distribution correction reads them)."""
+    model = randomize_bn(TinyResNet())
+    model.layer1[0].bn1.weight.data[3] = 0.0  # a dead channel: constant after its BN
+    stats = bn_statistics(model)
+    folded = fold_bn(model)
+    assert set(stats) == {conv for conv, _ in find_conv_bn_pairs(model)}
+    x = torch.randn(2, 8, 8, 8)
+    with torch.no_grad():
+        for name in ("layer1.0.conv1", "layer1.0.conv2"):
+            z = stats[name].pre_bn(folded.get_submodule(name)(x))
+            expected = model.get_submodule(name)(x)
+            live = stats[name].live()
+            torch.testing.assert_close(z[:, live], expected[:, live], atol=1e-4, rtol=1e-4)
+        bn1 = model.layer1[0].bn1
+        torch.testing.assert_close(stats["layer1.0.conv1"].mean, bn1.running_mean)
+        torch.testing.assert_close(stats["layer1.0.conv1"].std, torch.sqrt(bn1.running_var + bn1.eps))
+        assert not bool(stats["layer1.0.conv1"].live()[3]) and int(stats["layer1.0.conv1"].live().sum()) == 7

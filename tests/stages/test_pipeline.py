@@ -45,6 +45,22 @@ def test_every_memory_mode_reconstructs_the_same_bytes(repo: Path, tmp_path: Pat
         assert not list(out.glob("*.scratch")) and not list(out.rglob(".ptqflow-*"))
 
 
+def test_pd_quant_runs_through_the_stage(repo: Path, tmp_path: Path) -> None:
+    """reconstruct.pd_weight and dc_iters from params: the stage reads the FP model's BN statistics
+    (base.model, base.weights) and writes another model than plain QDrop's."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["reconstruct"].update(pd_weight=5.0, dc_iters=3, targets=["w2a4"])
+    (tmp_path / "pd.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = tmp_path / "pd"
+    cmd = ["ptqflow", "--params", str(tmp_path / "pd.yaml"), "reconstruct", "--features", "data/features/store.zarr"]
+    plots = tmp_path / "plots"
+    cmd += ["--rtn", "data/quantize", "--plan", "data/plan/plan.json", "--out", str(out), "--plots", str(plots)]
+    _run(cmd, repo)
+    assert (out / "w2a4.pt").read_bytes() != (repo / "data/reconstruct/w2a4.pt").read_bytes()
+    loss = (plots / "w2a4.tsv").read_text().splitlines()[1:]
+    assert loss and all(float(row.split("\t")[4]) >= 0 for row in loss)
+
+
 def test_repro_reruns_only_what_changed(repo: Path, cold_run: ColdRun) -> None:
     log = cold_run.log  # the session's cold run of this repo (conftest.py)
     assert _ran(log) == [

@@ -53,6 +53,9 @@ class QuantLayer(nn.Module):
         # average of quantized values, or several grids). A plain attribute, not a submodule: the quantizer
         # belongs to the unit (or an earlier unit) that produces the input.
         self.__dict__["input_grid"] = None
+        #: The wrapped layer's module path in the FP model (``layer1.0.conv1``; set by :class:`QuantUnit`),
+        #: the key of its BN's statistics (:func:`ptqflow.fold.bn_statistics`).
+        self.source = ""
 
     @property
     def input_grid(self) -> ActQuantizer | None:
@@ -157,7 +160,9 @@ class QuantUnit(nn.Module):
             if node.op == "call_module":
                 module = body.get_submodule(str(node.target))
                 if type(module) in WEIGHT_MODULES:
-                    body.set_submodule(str(node.target), QuantLayer(module, weight_bits, symmetric))
+                    layer = QuantLayer(module, weight_bits, symmetric)
+                    layer.source = f"{unit.prefix}.{node.target}" if unit.prefix else str(node.target)
+                    body.set_submodule(str(node.target), layer)
         prefix = re.sub(r"[^0-9a-zA-Z_]", "_", unit.prefix) + "_" if unit.prefix else ""  # as fx names nodes
         nodes = {n.name: n for n in graph.nodes}
         modules = dict(body.named_modules())

@@ -15,6 +15,20 @@ store, optimises, hard-rounds and moves on.
 The reconstruction loss is ``mean_{n,h,w} sum_c |y^ - y|^p`` (``mse``, p = 2) or, for ``fisher``,
 BRECQ eq. 10 with the cached gradient: ``mean sum_c (y^ - y)^2 (|g| + 1)^2``.
 
+PD-Quant (Liu et al., CVPR 2023, "PD-Quant: Post-Training Quantization based on Prediction Difference
+Metric") changes QDrop's joint phase in two ways, each a switch here (off by default):
+
+* ``pd_weight > 0`` -- the *prediction difference*: the group's output on the quantized-prefix input (no
+  drop) is pushed through the rest of the network in FP and compared with the FP network's prediction,
+  ``KL(softmax(z_fp / T) || softmax(z_q / T))`` averaged over the batch (the paper's PD metric; ``T`` is
+  ``pd_temperature``); it is added, weighted by ``pd_weight`` (the released code's ``1 / lambda_r``), to
+  the reconstruction loss and the rounding regulariser, so the rounding variables and the activation steps
+  both see it (:func:`prediction_difference`).
+* ``dc_iters > 0`` -- *distribution correction*: before the group is optimised, its cached FP input is
+  moved toward inputs whose pre-BN conv outputs have the FP model's BatchNorm running statistics, anchored
+  to the original input (:func:`correct_inputs`); the corrected input replaces the FP input in QDrop's
+  mixing and the FP group's output on it becomes the target.
+
 ``layerwise=True`` is BRECQ's layer granularity (its table 1 baseline, AdaRound layer by layer): inside
 each unit every conv/linear is reconstructed on its own, in order, against its FP output (before the
 activation) computed from the unit's cached FP input; its input is the quantized-prefix input pushed
@@ -28,16 +42,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ptqflow.errors import ConfigError
 from ptqflow.features import FeatureStore
+from ptqflow.fold import BNStatistics
 from ptqflow.kernels import fixed_sum
 from ptqflow.quant.adaround import beta_schedule
 from ptqflow.quant.model import QuantModel
@@ -45,7 +61,16 @@ from ptqflow.quant.quantizer import ActQuantizer
 from ptqflow.quant.units import QuantLayer, QuantUnit
 from ptqflow.recon.cache import Cached, Memory, peak_memory_mb, prefetch
 
-__all__ = ["ReconConfig", "Step", "plan_steps", "reconstruct", "reconstruction_loss"]
+__all__ = [
+    "ReconConfig",
+    "Step",
+    "correct_inputs",
+    "distribution_loss",
+    "plan_steps",
+    "prediction_difference",
+    "reconstruct",
+    "reconstruction_loss",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +98,16 @@ class ReconConfig:
         loss: ``mse`` or ``fisher`` (diagonal-Fisher weighted, from the cached gradients).
         p: exponent of the reconstruction loss (QDrop 2.0; BRECQ's activation phase uses 2.4).
         lsq_grad_scale: LSQ gradient scaling of activation steps (QDrop's ``qdrop`` branch).
+        pd_weight: PD-Quant's prediction-difference term in the joint phase, the weight of
+            ``KL(softmax(z_fp / T) || softmax(z_q / T))`` (the released code divides by ``lambda_r = 0.2``,
+            i.e. 5); 0: off (QDrop).
+        pd_temperature: ``T`` of the prediction difference (the released scripts: 4 for ResNets and
+            RegNets, 1 for MobileNetV2 and MNasNet).
+        dc_iters: PD-Quant's distribution correction: Adam iterations per mini-batch of the group's FP
+            input (the released code: 500); 0: off.
+        dc_lr: its Adam learning rate (1e-3, reduced tenfold on a 100-iteration plateau, down to 1e-5).
+        dc_anchor: weight of ``||x~ - x||^2`` that keeps the corrected input near the cached one (the
+            released code's ``1 / lambda_c``: 50 for ResNets, 200 for MobileNetV2).
         seed: seeds sampling and drop masks (each group reseeds, so a resumed run matches a full one);
             the mini-batch indices come from a generator of their own, drawn before the loop, so that
             ``memory="stream"`` can read ahead (:mod:`ptqflow.recon.cache`).
@@ -94,6 +129,11 @@ class ReconConfig:
     loss: Literal["mse", "fisher"] = "mse"
     p: float = 2.0
     lsq_grad_scale: bool = False
+    pd_weight: float = 0.0
+    pd_temperature: float = 4.0
+    dc_iters: int = 0
+    dc_lr: float = 1e-3
+    dc_anchor: float = 50.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -115,6 +155,21 @@ class ReconConfig:
             raise ConfigError(f"p must be in [1, 4], got {self.p}")
         if self.beta_start < self.beta_end or self.beta_end <= 0:
             raise ConfigError(f"need beta_start >= beta_end > 0, got {self.beta_start}, {self.beta_end}")
+        if self.pd_weight < 0:
+            raise ConfigError(f"pd_weight must be >= 0 (0: no prediction difference), got {self.pd_weight}")
+        if self.pd_temperature <= 0:
+            raise ConfigError(f"pd_temperature must be > 0, got {self.pd_temperature}")
+        if self.dc_iters < 0:
+            raise ConfigError(f"dc_iters must be >= 0 (0: no distribution correction), got {self.dc_iters}")
+        if self.dc_lr <= 0:
+            raise ConfigError(f"dc_lr must be > 0, got {self.dc_lr}")
+        if self.dc_anchor < 0:
+            raise ConfigError(f"dc_anchor must be >= 0, got {self.dc_anchor}")
+        if (self.pd_weight > 0 or self.dc_iters > 0) and self.method != "qdrop":
+            raise ConfigError(
+                "pd_weight and dc_iters change QDrop's joint phase (PD-Quant): they need method qdrop, "
+                f"got {self.method}"
+            )
 
 
 @dataclass(frozen=True)
@@ -145,6 +200,86 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, grad: torch.Te
         err = diff.pow(p)
     per_position = err.sum(dim=1)
     return fixed_sum(per_position) / per_position.numel()
+
+
+def prediction_difference(logits: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """PD-Quant's prediction-difference metric (Liu et al., CVPR 2023): the KL divergence of the
+    quantized prediction from the FP one at temperature ``T``,
+    ``mean_n sum_k p_k (log p_k - log q_k)`` with ``p = softmax(target / T)``, ``q = softmax(logits / T)``.
+    """
+    log_q = F.log_softmax(logits / temperature, dim=1)
+    log_p = F.log_softmax(target / temperature, dim=1)
+    per_sample = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    return fixed_sum(per_sample) / per_sample.numel()
+
+
+def distribution_loss(outputs: Sequence[tuple[torch.Tensor, BNStatistics]]) -> torch.Tensor:
+    """PD-Quant's distribution-correction statistic (Liu et al., CVPR 2023): for every folded conv output ``y`` and
+    its BN's running statistics, the per-sample, per-channel mean ``m`` and standard deviation ``s`` of the
+    pre-BN output ``z`` (over the spatial positions) against the running ``mu`` and ``sigma``:
+    ``sum_layers (1/N) sum_{n,c} [(m_nc - mu_c)^2 + (s_nc - sigma_c)^2]`` (channels whose BN scale is 0
+    carry no statistics and are left out)."""
+    total = torch.zeros(())
+    for y, stats in outputs:
+        z = stats.pre_bn(y).flatten(2)
+        live = stats.live().to(z.device)
+        mean = z.mean(dim=2)[:, live]
+        std = torch.sqrt(z.var(dim=2) + stats.eps)[:, live]
+        err = (mean - stats.mean.to(z)[live]).pow(2) + (std - stats.std.to(z)[live]).pow(2)
+        total = total.to(z) + fixed_sum(err) / z.shape[0]
+    return total
+
+
+def correct_inputs(
+    group: nn.Module,
+    x: Cached,
+    targets: Sequence[tuple[QuantLayer, BNStatistics]],
+    config: ReconConfig,
+    memory: Memory,
+) -> Cached:
+    """PD-Quant's distribution correction (Liu et al., CVPR 2023) of a group's FP input.
+
+    Mini-batch by mini-batch (``config.batch_size`` samples, in order), the input ``x`` is a variable
+    ``x~`` (starting at ``x``) optimised by Adam (``dc_lr``, reduced tenfold when the loss has not improved
+    for 100 iterations, down to 1e-5; ``dc_iters`` iterations) on
+    ``distribution_loss(pre-BN outputs of the group's layers on x~) + dc_anchor * mean_{n,h,w} sum_c (x~ - x)^2``,
+    with ``group`` in FP (every quantizer off, as the caller leaves it). The first term pulls the
+    calibration images' statistics toward those the BN layers saw over the whole training set, the second
+    keeps ``x~`` near the real input. Deterministic (fixed order, no randomness).
+    """
+    captured: dict[int, torch.Tensor] = {}
+    handles = [
+        layer.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out))
+        for i, (layer, _) in enumerate(targets)
+    ]
+
+    def correct(batch: torch.Tensor) -> torch.Tensor:
+        original = batch.detach()
+        with torch.enable_grad():
+            x_var = original.clone().requires_grad_(True)
+            opt = torch.optim.Adam([x_var], lr=config.dc_lr)
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=100, min_lr=1e-5)
+            for _ in range(config.dc_iters):
+                captured.clear()
+                group(x_var)
+                stats = distribution_loss([(captured[i], st) for i, (_, st) in enumerate(targets)])
+                loss = stats + config.dc_anchor * reconstruction_loss(x_var, original, None, 2.0)
+                (x_var.grad,) = torch.autograd.grad(loss, [x_var])
+                opt.step()
+                plateau.step(float(loss.detach()))
+        captured.clear()
+        return x_var.detach()
+
+    try:
+        return memory.derive(x, correct, config.batch_size)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _bn_targets(group: nn.Module, bn_stats: Mapping[str, BNStatistics]) -> list[tuple[QuantLayer, BNStatistics]]:
+    layers = [m for m in group.modules() if isinstance(m, QuantLayer)]
+    return [(layer, bn_stats[layer.source]) for layer in layers if layer.source in bn_stats]
 
 
 class _Group(nn.Module):
@@ -205,6 +340,8 @@ def reconstruct(
     scratch: Path | None = None,
     on_step_done: Callable[[int, Step, dict[str, float]], None] | None = None,
     progress: ProgressFactory | None = None,
+    bn_stats: Mapping[str, BNStatistics] | None = None,
+    corrections: dict[tuple[int, ...], tuple[Cached, Cached]] | None = None,
 ) -> list[dict[str, float]]:
     """Reconstruct ``model`` in place, group by group.
 
@@ -225,6 +362,12 @@ def reconstruct(
         on_step_done: called after each step with its index, the step and its stats (write resume
             state there).
         progress: ``progress(total, label)`` returns ``update(iteration, loss)`` for a progress bar.
+        bn_stats: the FP model's BatchNorm statistics per folded conv (:func:`ptqflow.fold.bn_statistics`),
+            needed by the distribution correction (``config.dc_iters > 0``).
+        corrections: a memo of the distribution correction per group (corrected FP input, FP output on it),
+            filled and read here and closed by the caller. The correction depends only on the FP model, the
+            store, the group and the ``dc_*`` keys -- not on the bits or the seed -- so calls that share
+            those can share the memo and correct once (``bench/method_table.py`` does).
 
     Returns:
         One stats dict per step run: ``{"loss_before", "loss_after", "seconds", "iter_ms",
@@ -236,6 +379,10 @@ def reconstruct(
     if flat != list(range(len(model.units))):
         raise ConfigError(f"reconstruction groups must cover units 0..{len(model.units) - 1} in order, got {groups}")
     steps = plan_steps(config.method, groups, layerwise)
+    if layerwise and (config.pd_weight > 0 or config.dc_iters > 0):
+        raise ConfigError("pd_weight and dc_iters (PD-Quant) act on blocks, not with layer granularity")
+    if config.dc_iters > 0 and bn_stats is None:
+        raise ConfigError("dc_iters > 0 (distribution correction) needs the FP model's BatchNorm statistics")
     space = Memory(memory, device, scratch)
     n = store.num_samples
     eval_batch = max(config.batch_size, 64)
@@ -264,7 +411,22 @@ def reconstruct(
             x_fp = cached(store.units[first], "inputs")
             y_fp = cached(store.units[last], "outputs")
             grad = cached(store.units[last], "grads") if config.loss == "fisher" else None
+            x_dc = y_dc = logits = None
+            rest = _Group([model.units[i] for i in range(last + 1, len(model.units))])
             try:
+                if step.phase == "joint" and config.dc_iters > 0:
+                    assert bn_stats is not None
+                    targets = _bn_targets(group, bn_stats)
+                    if corrections is not None and step.group in corrections:
+                        x_dc, y_dc = corrections[step.group]
+                    elif targets:  # PD-Quant's corrected FP input, and the FP group's output on it as the target
+                        _set_group_state(group, weight=False, act=False)
+                        x_dc = correct_inputs(group, x_fp, targets, config, space)
+                        y_dc = _forward_all(group, x_dc, eval_batch, space)
+                        if corrections is not None:
+                            corrections[step.group] = (x_dc, y_dc)
+                if step.phase == "joint" and config.pd_weight > 0:
+                    logits = cached(store.units[-1], "outputs")
                 x_in = x_fp if step.phase == "acts" else x_q
                 model.set_quant_state(weight=True, act=True)
                 before = _eval_loss(group, x_in, y_fp, eval_batch)
@@ -281,7 +443,11 @@ def reconstruct(
                     _optimise_layers(group, x_q, x_fp, config, acts_during, update, sampler, space)
                 else:
                     joint = step.phase == "joint"
-                    _optimise_weights(group, x_q, x_fp, y_fp, grad, config, joint, update, sampler)
+                    x_mix, target = (x_dc, y_dc) if x_dc is not None and y_dc is not None else (x_fp, y_fp)
+                    if logits is not None:
+                        _set_group_state(rest, weight=False, act=False)  # the rest of the network in FP
+                    pd = (rest, logits) if logits is not None else None
+                    _optimise_weights(group, x_q, x_mix, target, grad, config, joint, update, sampler, pd)
                 loop_ms = (time.perf_counter() - looped) * 1000 / total
                 model.set_quant_state(weight=True, act=True)
                 after = _eval_loss(group, x_in, y_fp, eval_batch)
@@ -290,7 +456,7 @@ def reconstruct(
                     x_q, old = _forward_all(group, x_q, eval_batch, space), x_q
                     old.close()
             finally:
-                _close(x_fp, y_fp, grad)
+                _close(x_fp, y_fp, grad, logits, *((x_dc, y_dc) if corrections is None else ()))
             row = {
                 "loss_before": before,
                 "loss_after": after,
@@ -326,7 +492,10 @@ def _optimise_weights(
     joint: bool,
     update: Callable[[int, float], None] | None,
     sampler: torch.Generator,
+    pd: tuple[nn.Module, Cached] | None = None,
 ) -> None:
+    """AdaRound (and, ``joint``, the activation steps with QDrop's mixing) of ``group``; with ``pd`` =
+    ``(rest of the network in FP, cached FP logits)``, PD-Quant's prediction difference joins the loss."""
     layers = [m for m in group.modules() if isinstance(m, QuantLayer)]
     learn_scale = config.weight_scale_lr > 0
     rounding = [layer.start_adaround(learn_scale) for layer in layers]
@@ -350,21 +519,36 @@ def _optimise_weights(
             layer.layer.bias.requires_grad_(False)
     mix = joint and config.keep_prob < 1.0
     indices = [_sample(x_q.n, config.batch_size, config.method, sampler) for _ in range(config.iters)]
+    rest, logits = pd if pd is not None else (None, None)
+    params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
     try:
-        batches = prefetch([x_q, x_fp if mix else None, y_fp, grad], indices)
-        for t, (x, x_fp_batch, y, g) in enumerate(batches):
+        batches = prefetch([x_q, x_fp if mix else None, y_fp, grad, logits], indices)
+        for t, (x, x_fp_batch, y, g, z_fp) in enumerate(batches):
             assert x is not None and y is not None
+            x_plain = x
             if mix:
                 assert x_fp_batch is not None
                 x = torch.where(torch.rand_like(x) < config.keep_prob, x, x_fp_batch)
-            rec = reconstruction_loss(group(x), y, g, config.p)
+            if rest is not None and z_fp is not None:
+                # PD-Quant: one forward of the mixed and the plain quantized input; the latter's output goes
+                # through the FP rest of the network to the prediction.
+                both = group(torch.cat([x, x_plain])) if mix else group(x)
+                out, out_plain = (both[: x.shape[0]], both[x.shape[0] :]) if mix else (both, both)
+                rec = reconstruction_loss(out, y, g, config.p)
+                pd_loss = prediction_difference(rest(out_plain), z_fp, config.pd_temperature)
+                loss = rec + config.pd_weight * pd_loss
+            else:
+                rec = reconstruction_loss(group(x), y, g, config.p)
+                loss = rec
             beta = beta_schedule(t, config.iters, config.warmup, config.beta_start, config.beta_end)
-            loss = rec
             if beta is not None and config.reg_weight > 0:
-                loss = rec + config.reg_weight * sum(r.regularizer(beta) for r in rounding)
+                loss = loss + config.reg_weight * sum(r.regularizer(beta) for r in rounding)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
-            torch.autograd.backward(loss)
+            if rest is not None:  # no gradient for the rest of the network's own parameters
+                torch.autograd.backward(loss, inputs=params)
+            else:
+                torch.autograd.backward(loss)
             for opt in optimizers:
                 opt.step()
             if scheduler is not None:

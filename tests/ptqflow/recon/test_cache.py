@@ -10,7 +10,7 @@ from helpers import TinyResNet, randomize_bn
 
 from ptqflow.errors import ConfigError
 from ptqflow.features import FeatureStore, FeatureStoreWriter, extract_features
-from ptqflow.fold import fold_bn
+from ptqflow.fold import bn_statistics, fold_bn
 from ptqflow.quant.model import QuantConfig, QuantModel, build_quant_model, calibrate_activations
 from ptqflow.recon.cache import Memory, layout, prefetch
 from ptqflow.recon.reconstruct import ReconConfig, reconstruct
@@ -43,8 +43,17 @@ def _run(tmp_path: Path, memory: str, config: ReconConfig, layerwise: bool = Fal
     scratch = tmp_path / f"scratch-{memory}"
     scratch.mkdir(exist_ok=True)
     torch.manual_seed(0)
+    bn_stats = bn_statistics(randomize_bn(TinyResNet()))  # randomize_bn's seed alone sets them
     stats = reconstruct(
-        model, store, [[0], [1, 2], [3]], config, CPU, layerwise=layerwise, memory=memory, scratch=scratch
+        model,
+        store,
+        [[0], [1, 2], [3]],
+        config,
+        CPU,
+        layerwise=layerwise,
+        memory=memory,
+        scratch=scratch,
+        bn_stats=bn_stats,
     )
     assert not list(scratch.iterdir()), "stream left spill files behind"
     return {k: v.clone() for k, v in model.state_dict().items()}, stats
@@ -52,12 +61,29 @@ def _run(tmp_path: Path, memory: str, config: ReconConfig, layerwise: bool = Fal
 
 @pytest.mark.parametrize(
     ("method", "loss", "layerwise"),
-    [("qdrop", "mse", False), ("qdrop", "fisher", False), ("brecq", "mse", False), ("brecq", "mse", True)],
+    [
+        ("qdrop", "mse", False),
+        ("qdrop", "fisher", False),
+        ("brecq", "mse", False),
+        ("brecq", "mse", True),
+        ("pdquant", "mse", False),
+    ],
 )
 def test_every_memory_mode_gives_the_same_model(tmp_path: Path, method: str, loss: str, layerwise: bool) -> None:
     """device, cpu and stream: bit-identical state and losses (QDrop's mix, BRECQ's activation phase,
-    the Fisher loss's gradients and the layer-wise captures all go through the caches)."""
-    config = ReconConfig(method=method, iters=12, act_iters=6, batch_size=8, loss=loss, keep_prob=0.5, seed=2)
+    the Fisher loss's gradients, the layer-wise captures, PD-Quant's logits and corrected inputs all go
+    through the caches)."""
+    pd = {"pd_weight": 5.0, "dc_iters": 4} if method == "pdquant" else {}
+    config = ReconConfig(
+        method="brecq" if method == "brecq" else "qdrop",
+        iters=12,
+        act_iters=6,
+        batch_size=8,
+        loss=loss,
+        keep_prob=0.5,
+        seed=2,
+        **pd,  # type: ignore[arg-type]
+    )
     reference, ref_stats = _run(tmp_path, "device", config, layerwise)
     for memory in ("cpu", "stream"):
         state, stats = _run(tmp_path, memory, config, layerwise)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -8,17 +9,30 @@ from helpers import TinyResNet, randomize_bn
 
 from ptqflow.errors import ConfigError
 from ptqflow.features import FeatureStore, FeatureStoreWriter, extract_features
-from ptqflow.fold import fold_bn
+from ptqflow.fold import bn_statistics, fold_bn
 from ptqflow.quant.adaround import AdaRound, beta_schedule
 from ptqflow.quant.model import QuantConfig, QuantModel, build_quant_model, calibrate_activations
-from ptqflow.recon.reconstruct import ReconConfig, plan_steps, reconstruct, reconstruction_loss
+from ptqflow.recon.cache import Memory
+from ptqflow.recon.reconstruct import (
+    ReconConfig,
+    _Group,
+    _set_group_state,
+    correct_inputs,
+    distribution_loss,
+    plan_steps,
+    prediction_difference,
+    reconstruct,
+    reconstruction_loss,
+)
 from ptqflow.units import extract_units
 
 CPU = torch.device("cpu")
 
 
-def _setup(tmp_path: Path, bits: tuple[int, int] = (2, 4), n: int = 64) -> tuple[QuantModel, FeatureStore]:
-    fp = randomize_bn(TinyResNet())
+def _setup(
+    tmp_path: Path, bits: tuple[int, int] = (2, 4), n: int = 64, fp: torch.nn.Module | None = None
+) -> tuple[QuantModel, FeatureStore]:
+    fp = randomize_bn(TinyResNet()) if fp is None else fp
     units = extract_units(fold_bn(fp))
     x = TinyResNet.example_inputs(n)
     labels = torch.arange(n) % 10
@@ -235,3 +249,133 @@ def test_learned_weight_scales_move_and_the_model_keeps_its_grid(tmp_path: Path)
 def test_weight_scale_lr_must_not_be_negative() -> None:
     with pytest.raises(ConfigError, match="weight_scale_lr must be >= 0"):
         ReconConfig(weight_scale_lr=-1e-4)
+
+
+def test_prediction_difference_is_the_kl_of_the_tempered_predictions() -> None:
+    torch.manual_seed(0)
+    logits, target = torch.randn(6, 10, requires_grad=True), torch.randn(6, 10)
+    for t in (1.0, 4.0):
+        expected = torch.nn.KLDivLoss(reduction="batchmean")(
+            torch.log_softmax(logits / t, dim=1), torch.softmax(target / t, dim=1)
+        )
+        torch.testing.assert_close(prediction_difference(logits, target, t), expected)
+    assert float(prediction_difference(target, target, 4.0)) == pytest.approx(0.0, abs=1e-7)
+    prediction_difference(logits, target, 4.0).backward()
+    assert logits.grad is not None and float(logits.grad.abs().sum()) > 0
+
+
+@torch.no_grad()
+def _pd_objective(model: QuantModel, store: FeatureStore, unit: int, temperature: float) -> float:
+    """The prediction difference over the calibration set with units ``0..unit`` quantized, the rest FP."""
+    model.set_quant_state(weight=True, act=True)
+    for later in model.units[unit + 1 :]:
+        later.set_quant_state(weight=False, act=False)
+    logits = model(store.unit(store.units[0]).inputs(slice(0, store.num_samples)))
+    target = store.unit(store.units[-1]).outputs(slice(0, store.num_samples))
+    model.set_quant_state(weight=True, act=True)
+    return float(prediction_difference(logits, target, temperature))
+
+
+def test_prediction_difference_objective_decreases(tmp_path: Path) -> None:
+    """PD-Quant's objective for the first block (quantized, the rest of the network FP) falls when the
+    block is reconstructed with it, and falls further than with the local loss alone."""
+    torch.manual_seed(0)
+    fp = randomize_bn(TinyResNet())
+    with torch.no_grad():
+        fp.fc.weight.mul_(30.0)  # confident predictions, as a trained model makes (random init: near uniform)
+    model, store = _setup(tmp_path, bits=(2, 2), fp=fp)
+    before = _pd_objective(model, store, 0, 1.0)
+    after = {}
+    for weight in (0.0, 100.0):
+        trial = copy.deepcopy(model)
+        config = ReconConfig(method="qdrop", iters=80, batch_size=16, seed=0, pd_weight=weight, pd_temperature=1.0)
+        # only the first block: the others keep their FP weights (a reconstructed unit holds rounded ones)
+        reconstruct(trial, store, [[0], [1], [2], [3]], config, CPU, skip=frozenset({1, 2, 3}))
+        after[weight] = _pd_objective(trial, store, 0, 1.0)
+    assert after[100.0] < after[0.0] < before
+    assert after[100.0] < 0.97 * before
+
+
+def test_distribution_correction_moves_the_statistics_toward_the_bn_ones(tmp_path: Path) -> None:
+    """The corrected block input gives pre-BN outputs whose per-channel mean and std lie nearer the BN's
+    running statistics, and stays near the cached input (the anchor); a huge anchor keeps it in place."""
+    model, store = _setup(tmp_path)
+    stats = bn_statistics(randomize_bn(TinyResNet()))  # BN statistics: randomize_bn's seed alone sets them
+    group = _Group([model.units[1]])
+    _set_group_state(group, weight=False, act=False)
+    targets = [(layer, stats[layer.source]) for _, layer in model.units[1].quant_layers() if layer.source in stats]
+    assert [layer.source for layer, _ in targets] == ["layer1.0.conv1", "layer1.0.conv2"]
+    memory = Memory("device", CPU)
+    x = memory.load(store.unit(store.units[1]).inputs, store.num_samples, 32)
+
+    def outputs(inputs: torch.Tensor) -> list[tuple[torch.Tensor, object]]:
+        seen: list[torch.Tensor] = []
+        handles = [layer.register_forward_hook(lambda m, a, out: seen.append(out)) for layer, _ in targets]
+        with torch.no_grad():
+            group(inputs)
+        for handle in handles:
+            handle.remove()
+        return list(zip(seen, [st for _, st in targets], strict=True))
+
+    original = x.rows(0, x.n)
+    loss0 = float(distribution_loss(outputs(original)))
+    moved, loss = {}, {}
+    for anchor in (1.0, 50.0, 1e6):
+        config = ReconConfig(dc_iters=60, dc_lr=1e-2, dc_anchor=anchor, batch_size=16)
+        corrected = correct_inputs(group, x, targets, config, memory).rows(0, x.n)
+        moved[anchor] = float((corrected - original).abs().mean())
+        loss[anchor] = float(distribution_loss(outputs(corrected)))
+        if anchor == 1.0:
+            gaps = []  # per layer: |per-channel mean - running mean| + |per-channel std - running std|
+            for y, st in outputs(original) + outputs(corrected):
+                z = st.pre_bn(y).transpose(0, 1).flatten(1)
+                gaps.append(float((z.mean(1) - st.mean).abs().mean() + (z.std(1) - st.std).abs().mean()))
+            assert gaps[2] < gaps[0] and sum(gaps[2:]) < sum(gaps[:2])  # the first layer's, and all layers'
+    assert loss[1.0] < 0.8 * loss0 and loss[1.0] < loss[50.0] < loss0
+    assert moved[1.0] > moved[50.0] > 0 and moved[1e6] < 0.01 * moved[1.0]  # the anchor holds the input
+
+
+def test_pd_quant_runs_end_to_end_and_its_memo_changes_nothing(tmp_path: Path) -> None:
+    """Both PD-Quant switches on: the loss falls, and a memo of the corrections shared by two runs gives
+    the same model as recomputing them."""
+    fp = randomize_bn(TinyResNet())  # the BN statistics _setup's model was folded from (randomize_bn's seed)
+    model, store = _setup(tmp_path)
+    config = ReconConfig(method="qdrop", iters=30, batch_size=16, seed=0, pd_weight=5.0, dc_iters=10, dc_lr=1e-2)
+    plain = copy.deepcopy(model)
+    stats = reconstruct(plain, store, [[0], [1], [2], [3]], config, CPU, bn_stats=bn_statistics(fp))
+    assert sum(s["loss_after"] for s in stats) < sum(s["loss_before"] for s in stats)
+    memo: dict = {}
+    for _ in range(2):
+        trial = copy.deepcopy(model)
+        reconstruct(trial, store, [[0], [1], [2], [3]], config, CPU, bn_stats=bn_statistics(fp), corrections=memo)
+        for key, value in plain.state_dict().items():
+            assert torch.equal(value, trial.state_dict()[key]), key
+    assert set(memo) == {(0,), (1,), (2,)}  # the head has no BN to correct toward
+    for pair in memo.values():
+        for cache in pair:
+            cache.close()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"pd_weight": -1.0}, "pd_weight must be >= 0"),
+        ({"pd_temperature": 0.0}, "pd_temperature must be > 0"),
+        ({"dc_iters": -1}, "dc_iters must be >= 0"),
+        ({"dc_lr": 0.0}, "dc_lr must be > 0"),
+        ({"dc_anchor": -1.0}, "dc_anchor must be >= 0"),
+        ({"method": "brecq", "pd_weight": 5.0}, "they need method qdrop, got brecq"),
+        ({"method": "brecq", "dc_iters": 5}, "they need method qdrop, got brecq"),
+    ],
+)
+def test_pd_quant_keys_are_checked(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ReconConfig(**kwargs)
+
+
+def test_pd_quant_refuses_layer_granularity_and_missing_statistics(tmp_path: Path) -> None:
+    model, store = _setup(tmp_path)
+    with pytest.raises(ConfigError, match="not with layer granularity"):
+        reconstruct(model, store, [[0], [1], [2], [3]], ReconConfig(pd_weight=1.0, iters=2), CPU, layerwise=True)
+    with pytest.raises(ConfigError, match="needs the FP model's BatchNorm statistics"):
+        reconstruct(model, store, [[0], [1], [2], [3]], ReconConfig(dc_iters=2, iters=2), CPU)
