@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from ptqflow.data import normalize
+from ptqflow.data import LabelledImages, normalize
+from ptqflow.evaluate import accuracy, predict_logits
 from ptqflow.features import FeatureStore, FeatureStoreWriter, extract_features
 from ptqflow.fold import fold_bn
 from ptqflow.models import build_model, load_weights
@@ -47,3 +48,8 @@ def rtn_model(
     model = build_quant_model(fp, config)
     calibrate_activations(model, lambda unit: store.iter_inputs(unit, 64, 256), 2.4, device)
     return model
+
+
+def test_top1(model: torch.nn.Module, test: LabelledImages) -> float:
+    """Top-1 (%) of ``model`` on the prepared test split, batches of 500 (what every bench table reports)."""
+    return accuracy(predict_logits(model, test, 500, normalize, DEVICE), test.labels)["top1"]

@@ -20,12 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import DEVICE, ROOT, build_store, pretrained, rtn_model
+from common import DEVICE, ROOT, build_store, pretrained, rtn_model, test_top1
 from method_table import NAMES, method_config
 
 from ptqflow.atomic import atomic_write_text
-from ptqflow.data import normalize
-from ptqflow.evaluate import accuracy, predict_logits
 from ptqflow.fold import bn_statistics
 from ptqflow.quant.model import QuantConfig
 from ptqflow.recon.reconstruct import reconstruct
@@ -58,7 +56,7 @@ def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
 
     def top1(model: torch.nn.Module) -> float:
-        return accuracy(predict_logits(model, test, 500, normalize, DEVICE), test.labels)["top1"]
+        return test_top1(model, test)
 
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:

@@ -23,10 +23,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import DEVICE, ROOT, build_store, pretrained, rtn_model
+from common import DEVICE, ROOT, build_store, pretrained, rtn_model, test_top1
 
-from ptqflow.data import normalize
-from ptqflow.evaluate import accuracy, predict_logits
 from ptqflow.fold import bn_statistics
 from ptqflow.quant.model import QuantConfig
 from ptqflow.recon.cache import Cached
@@ -97,7 +95,7 @@ def main() -> None:
     test = load_split(ROOT / "data" / "prepare" / "test.pt")
 
     def top1(model: torch.nn.Module) -> float:
-        return accuracy(predict_logits(model, test, 500, normalize, DEVICE), test.labels)["top1"]
+        return test_top1(model, test)
 
     head = " | ".join(NAMES[m] for m in args.methods)
     lines = [f"| model | W/A | FP | RTN | {head} |", "|---|---|---|---" + "|---" * len(args.methods) + "|"]

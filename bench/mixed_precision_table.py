@@ -38,10 +38,8 @@ import time
 from pathlib import Path
 
 import torch
-from common import DEVICE, ROOT, build_store, pretrained, rtn_model
+from common import DEVICE, ROOT, build_store, pretrained, rtn_model, test_top1
 
-from ptqflow.data import normalize
-from ptqflow.evaluate import accuracy, predict_logits
 from ptqflow.features import FeatureStore
 from ptqflow.plan import mrecg_groups
 from ptqflow.quant.model import QuantConfig, QuantModel, set_weight_bits
@@ -92,7 +90,7 @@ def main() -> None:
     test = load_split(ROOT / "data" / "prepare" / "test.pt")
 
     def top1(model: torch.nn.Module) -> float:
-        return accuracy(predict_logits(model, test, 500, normalize, DEVICE), test.labels)["top1"]
+        return test_top1(model, test)
 
     lines = [
         "| model | setting | W/A | avg W bits | RTN | QDrop | QDrop+MRECG | merged |",

@@ -18,11 +18,10 @@ import tempfile
 from pathlib import Path
 
 import torch
-from common import DEVICE, ROOT, pretrained, rtn_model
+from common import DEVICE, ROOT, pretrained, rtn_model, test_top1
 from method_table import REG_WEIGHT
 
 from ptqflow.data import normalize
-from ptqflow.evaluate import accuracy, predict_logits
 from ptqflow.features import FeatureStore, FeatureStoreWriter, extract_features
 from ptqflow.fold import fold_bn
 from ptqflow.quant.model import QuantConfig
@@ -57,7 +56,7 @@ def main() -> None:
     test = load_split(ROOT / "data" / "prepare" / "test.pt")
 
     def top1(model: torch.nn.Module) -> float:
-        return accuracy(predict_logits(model, test, 500, normalize, DEVICE), test.labels)["top1"]
+        return test_top1(model, test)
 
     lines = [
         f"| model | W{w}A{a} | seed | RTN fp32 | RTN fp16 | QDrop fp32 | QDrop fp16 | fp16 - fp32 |",
