@@ -9,7 +9,9 @@ thread-count independence on each. A whole-store hash cannot say which kernel pa
 In a fresh interpreter with ``use_kernels("portable")`` (as every stage), for each embedded CNN on a fixed
 seeded batch it records the sha256 prefix of the input batch (ATen's generator), of every leaf module's output
 in execution order (BN folded, linear layers through ``portable_layers`` as the ``features`` stage runs them)
-and of a plain float32 matmul (MKL as is), for 1 and 2 threads (the model digests must agree). ``--compare``
+then of the input gradient and every weight gradient of a cross-entropy backward (every layer through
+``portable_layers``, as reconstruct runs them), and of a float32 matmul (``ptqflow.kernels.matmul``: MKL under the pins,
+on one thread), for 1 and 2 threads (the model digests must agree). ``--compare``
 runs the same here and names, per model, the first module whose output differs from the reference file's:
 the first kernel that computes other bytes on this CPU.
 """
@@ -28,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = r"""
 import hashlib, json, sys
-from ptqflow.kernels import portable_layers, use_kernels
+from ptqflow.kernels import matmul, portable_layers, use_kernels
 use_kernels("portable", strict=True)
 import torch
 torch.set_num_threads(int(sys.argv[1]))
@@ -45,14 +47,25 @@ for name in ("resnet20", "mobilenetv2_s"):
     seen = [("input", h(x))]
     def hook(label):
         return lambda module, args, output: seen.append((label, h(output)))
-    for label, module in model.named_modules():
-        if label and not list(module.children()):
-            module.register_forward_hook(hook(label))
+    handles = [
+        module.register_forward_hook(hook(label))
+        for label, module in model.named_modules()
+        if label and not list(module.children())
+    ]
     with torch.no_grad(), portable_layers(model, convs=False):  # as features and predict run it
         model(x)
     out[name] = seen
+    for handle in handles:
+        handle.remove()
+    x.requires_grad_(True)
+    with portable_layers(model):  # every layer: weight gradients on one thread, as reconstruct computes them
+        logits = model(x)
+        torch.nn.functional.cross_entropy(logits, torch.arange(64) % 10).backward()
+    grads = [("input", h(x.grad))]
+    grads += [(label, h(p.grad)) for label, p in model.named_parameters()]
+    out[name + " gradients"] = grads
 torch.manual_seed(1)
-out["matmul 256x300 @ 300x200"] = [("output", h(torch.randn(256, 300) @ torch.randn(300, 200)))]
+out["matmul 256x300 @ 300x200"] = [("output", h(matmul(torch.randn(256, 300), torch.randn(300, 200))))]
 print(json.dumps(out))
 """
 
@@ -79,6 +92,10 @@ def measure() -> dict[str, object]:
         runs[threads] = json.loads(done.stdout)
     import torch
 
+    for model, seen in runs[1].items():
+        where = first_difference(seen, runs[2][model])
+        if where is not None:
+            print(f"  {model}: 1 and 2 threads first differ at {where}")
     return {
         "cpu": _cpu(),
         "torch": torch.__version__,
@@ -113,7 +130,10 @@ def main() -> int:
         print(f"against {args.compare} ({reference['cpu']}, torch {reference['torch']}):")
         digests: dict[str, list[list[str]]] = result["digests"]  # type: ignore[assignment]
         for model, seen in digests.items():
-            where = first_difference(seen, reference["digests"].get(model, []))
+            if model not in reference["digests"]:
+                print(f"  {model}: not in the reference")
+                continue
+            where = first_difference(seen, reference["digests"][model])
             print(f"  {model}: {'identical' if where is None else 'first differs at ' + where}")
     return 0
 

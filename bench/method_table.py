@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["resnet20", "mobilenetv2_s"])
     parser.add_argument("--bits", nargs="+", default=["4/4", "2/4", "3/3", "2/2"])
     parser.add_argument("--iters", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, nargs="+", default=[0], help="one row per seed (one shared correction)")
     parser.add_argument("--convention", choices=["brecq", "qdrop"], default="brecq")
     parser.add_argument("--act-lr", type=float, default=4e-5, help="QDrop's activation-step learning rate")
     parser.add_argument("--keep-prob", type=float, default=0.5, help="QDrop's keep_prob (1.0 = no drop)")
@@ -98,7 +98,7 @@ def main() -> None:
         return test_top1(model, test)
 
     head = " | ".join(NAMES[m] for m in args.methods)
-    lines = [f"| model | W/A | FP | RTN | {head} |", "|---|---|---|---" + "|---" * len(args.methods) + "|"]
+    lines = [f"| model | W/A | seed | FP | RTN | {head} |", "|---|---|---|---|---" + "|---" * len(args.methods) + "|"]
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
             fp = pretrained(name)
@@ -112,36 +112,39 @@ def main() -> None:
                 rtn = rtn_model(
                     fp, store, QuantConfig(weight_bits=w, act_bits=a, convention=args.convention, softmax=args.softmax)
                 )
-                row = [name, bits, f"{fp_top1:.2f}", f"{top1(rtn):.2f}"]
-                for method in args.methods:
-                    model = copy.deepcopy(rtn)
-                    pd = method.startswith("pdquant")
-                    config = method_config(
-                        name,
-                        method,
-                        args.iters,
-                        args.seed,
-                        act_lr=args.act_lr,
-                        keep_prob=args.keep_prob,
-                        weight_scale_lr=args.weight_scale_lr,
-                        pd_weight=args.pd_weight,
-                        dc_iters=args.dc_iters,
-                    )
-                    start = time.perf_counter()
-                    torch.manual_seed(args.seed)
-                    skip = frozenset({0}) if args.convention == "brecq" else frozenset()  # BRECQ keeps the stem RTN
-                    groups = [[i] for i in range(len(store.units))]
-                    memo = corrections if pd else None
-                    reconstruct(model, store, groups, config, DEVICE, skip=skip, bn_stats=stats, corrections=memo)
-                    row.append(f"{top1(model):.2f} ({time.perf_counter() - start:.0f}s)")
-                lines.append("| " + " | ".join(row) + " |")
-                print(lines[-1], flush=True)
+                rtn_top1 = f"{top1(rtn):.2f}"
+                for seed in args.seed:
+                    row = [name, bits, str(seed), f"{fp_top1:.2f}", rtn_top1]
+                    for method in args.methods:
+                        model = copy.deepcopy(rtn)
+                        pd = method.startswith("pdquant")
+                        config = method_config(
+                            name,
+                            method,
+                            args.iters,
+                            seed,
+                            act_lr=args.act_lr,
+                            keep_prob=args.keep_prob,
+                            weight_scale_lr=args.weight_scale_lr,
+                            pd_weight=args.pd_weight,
+                            dc_iters=args.dc_iters,
+                        )
+                        start = time.perf_counter()
+                        torch.manual_seed(seed)
+                        # BRECQ keeps the stem RTN
+                        skip = frozenset({0}) if args.convention == "brecq" else frozenset()
+                        groups = [[i] for i in range(len(store.units))]
+                        memo = corrections if pd else None
+                        reconstruct(model, store, groups, config, DEVICE, skip=skip, bn_stats=stats, corrections=memo)
+                        row.append(f"{top1(model):.2f} ({time.perf_counter() - start:.0f}s)")
+                    lines.append("| " + " | ".join(row) + " |")
+                    print(lines[-1], flush=True)
             for pair in corrections.values():
                 for cache in pair:
                     cache.close()
     print(
         f"\n{args.iters} iterations per unit (BRECQ activation phase: {max(1, args.iters // 3)}), batch 32,"
-        f" QDrop act lr {args.act_lr:g}, keep_prob {args.keep_prob:g}, seed {args.seed},"
+        f" QDrop act lr {args.act_lr:g}, keep_prob {args.keep_prob:g}, seeds {' '.join(map(str, args.seed))},"
         f" PD-Quant weight {args.pd_weight:g}, correction steps {args.dc_iters},"
         f" convention {args.convention}, softmax {args.softmax}, device {DEVICE}\n"
     )

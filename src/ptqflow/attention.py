@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import swin_transformer
 
+from ptqflow import kernels
 from ptqflow.errors import ModelError
 
 __all__ = [
@@ -63,6 +64,14 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
         if bias is not None:
             layer.bias.copy_(bias)
     return layer.to(weight.device, weight.dtype)
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.matmul`` when traced (the graph keeps the plain op, which unit bodies route themselves), else
+    :func:`ptqflow.kernels.matmul` (one thread in portable mode: the same bytes for any thread count)."""
+    if torch.fx._symbolic_trace.is_fx_tracing():
+        return torch.matmul(a, b)
+    return kernels.matmul(a, b)
 
 
 class DecomposedAttention(nn.Module):
@@ -141,9 +150,9 @@ class DecomposedAttention(nn.Module):
         q = self.q_proj(query).unflatten(-1, heads).transpose(1, 2)  # (N, h, L, d)
         k = self.k_proj(key).unflatten(-1, heads).transpose(1, 2)  # (N, h, S, d)
         v = self.v_proj(value).unflatten(-1, heads).transpose(1, 2)  # (N, h, S, d)
-        scores = torch.matmul(q, k.transpose(-2, -1)) * self.scale  # (N, h, L, S)
+        scores = _matmul(q, k.transpose(-2, -1)) * self.scale  # (N, h, L, S)
         probs = self.attn_drop(torch.softmax(scores, dim=-1))
-        merged = torch.matmul(probs, v).transpose(1, 2).flatten(2)  # (N, L, E)
+        merged = _matmul(probs, v).transpose(1, 2).flatten(2)  # (N, L, E)
         out = self.out_proj(merged)
         if not self.batch_first:
             out = out.transpose(0, 1)
@@ -228,7 +237,8 @@ def position_bias_v2(
     ``mlp`` = (weight 1, bias 1, weight 2, bias 2) of its two linear layers (a ReLU between)."""
     w1, b1, w2, b2 = mlp
     assert w1 is not None and w2 is not None
-    table = F.linear(F.relu(F.linear(coords, w1, b1)), w2, b2).reshape(-1, heads)
+    hidden = F.relu(_matmul(coords, w1.t()) + (0 if b1 is None else b1))
+    table = (_matmul(hidden, w2.t()) + (0 if b2 is None else b2)).reshape(-1, heads)
     return 16 * torch.sigmoid(position_bias(table, index, window))
 
 
@@ -301,12 +311,12 @@ class DecomposedWindowAttention(nn.Module):
         v = self.v_proj(windows).unflatten(-1, heads).transpose(1, 2)
         if self.logit_scale is not None:  # V2: cosine attention with a learned, clamped temperature
             q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-            scores = torch.matmul(q, k.transpose(-2, -1)) * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
+            scores = _matmul(q, k.transpose(-2, -1)) * torch.clamp(self.logit_scale, max=math.log(100.0)).exp()
         else:
-            scores = torch.matmul(q, k.transpose(-2, -1)) * self.scale
+            scores = _matmul(q, k.transpose(-2, -1)) * self.scale
         scores = add_shift_mask(scores + self._bias(), x, self.window_size, self.shift_size)
         probs = self.attn_drop(torch.softmax(scores, dim=-1))
-        merged = torch.matmul(probs, v).transpose(1, 2).flatten(2)  # (B * windows, N, C)
+        merged = _matmul(probs, v).transpose(1, 2).flatten(2)  # (B * windows, N, C)
         return window_merge(self.proj_drop(self.proj(merged)), x, self.window_size, self.shift_size)
 
 

@@ -2,20 +2,26 @@
 
 Two things make a CPU run's bytes depend on the machine (measured op by op in ``bench/cpu_determinism.py``):
 
-1. **Instruction-set dispatch.** ATen's vectorised kernels, oneDNN's convolutions and MKL's GEMM each pick
-   the widest code path the CPU has (AVX-512 here, AVX2 on another machine) and the wider path adds in a
-   different order. :func:`use_kernels` ``("portable")`` caps all three at AVX2 with the libraries'
-   documented switches -- ``ATEN_CPU_CAPABILITY=avx2`` (PyTorch's CPU capability override),
-   ``ONEDNN_MAX_CPU_ISA=AVX2`` (oneDNN's ISA cap) and ``MKL_ENABLE_INSTRUCTIONS=AVX2`` (MKL's ISA cap, for
-   linear layers and attention matmuls). They are read when each library first computes, so they are set
-   before the first CPU op of the process. MKL's conditional numerical reproducibility (``MKL_CBWR``) is
-   deliberately not set: measured on AMD EPYC, any ``MKL_CBWR`` value makes small GEMMs (8x64 by 64x10,
-   a classifier on a batch of 8) differ between 1, 2 and 3 threads, while without it they do not.
+1. **Instruction-set and vendor dispatch.** ATen's vectorised kernels, oneDNN's convolutions and MKL's GEMM
+   each pick the widest code path the CPU has (AVX-512 here, AVX2 on another machine) and the wider path adds
+   in a different order. :func:`use_kernels` ``("portable")`` caps ATen and oneDNN at AVX2 with the libraries'
+   documented switches -- ``ATEN_CPU_CAPABILITY=avx2`` (PyTorch's CPU capability override) and
+   ``ONEDNN_MAX_CPU_ISA=AVX2`` (oneDNN's ISA cap). MKL also dispatches by CPU *vendor*: capped at AVX2
+   (``MKL_ENABLE_INSTRUCTIONS``), its GEMM still gave other bytes on an AMD EPYC than on an Intel Xeon
+   (``bench/layer_digests.py``: every convolution of both embedded models agreed, the first linear layer
+   did not). MKL's conditional numerical reproducibility branch ``MKL_CBWR=COMPATIBLE`` is the one its
+   documentation gives for the same results on Intel and compatible (non-Intel) CPUs; its ``AVX2`` branch
+   holds for Intel CPUs only (on others MKL falls back to its default branch, measured: the same bytes as
+   without it on the AMD EPYC). CNR needs a fixed thread count, and measured on the AMD EPYC the
+   ``COMPATIBLE`` branch's GEMM differs between 1, 2 and 3 threads, so portable mode runs every MKL GEMM on
+   one thread (:func:`linear`, :func:`matmul`). The switches are read when each library first computes, so
+   they are set before the first CPU op of the process.
 2. **The thread count.** oneDNN's convolution backward-by-weights splits its reduction over the threads
    (measured: every conv weight gradient of both embedded models differs between 1 and 2 threads; the
    forward and the input gradient do not), and MKL's GEMM does for a linear layer's weight gradient and,
    on an Intel Xeon, for forwards with a long reduction and few outputs (a classifier). :func:`conv`
-   computes the weight gradient single-threaded in portable mode and :func:`linear` every GEMM, so the
+   computes the weight gradient single-threaded in portable mode and :func:`linear` / :func:`matmul` every
+   GEMM, so the
    layers' outputs and gradients are the same for any thread count (an FP model's own layers take the same
    route inside :func:`portable_layers`). ATen's reduction of many elements to one value splits
    them over the threads too: :func:`fixed_sum` sums in a fixed order, and
@@ -59,6 +65,7 @@ __all__ = [
     "keep_freed_memory",
     "kernels_mode",
     "linear",
+    "matmul",
     "portable_layers",
     "set_threads",
     "usable_cores",
@@ -76,6 +83,7 @@ PORTABLE_ENV: dict[str, str] = {
     "ONEDNN_MAX_CPU_ISA": "AVX2",
     "DNNL_MAX_CPU_ISA": "AVX2",  # oneDNN's older spelling of the same switch
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "MKL_CBWR": "COMPATIBLE",  # MKL's branch for the same GEMM bytes on Intel and AMD CPUs (fixed threads)
 }
 
 _mode: Kernels = "native"
@@ -129,7 +137,9 @@ def _portable_grad(on: torch.Tensor, *needing: torch.Tensor) -> bool:
 class _PortableConv(torch.autograd.Function):
     """``aten.convolution`` whose weight gradient is computed on one thread (the same bytes for any count).
 
-    The input and bias gradients keep every thread: their kernels do not split a reduction over threads.
+    The input gradient keeps every thread (its kernel does not split a reduction over them); the bias
+    gradient is a :func:`fixed_sum` (measured: oneDNN's differs between 1 and 2 threads for a folded
+    MobileNetV2-s's 1x1 convolutions).
     """
 
     @staticmethod
@@ -156,10 +166,10 @@ class _PortableConv(torch.autograd.Function):
         zeros = [0] * len(stride)
         args = (stride, padding, dilation, False, zeros, groups)
         grad_x = grad_b = grad_w = None
-        if need_x or (need_b and bias_shape is not None):
-            grad_x, _, grad_b = torch.ops.aten.convolution_backward(
-                grad, x, weight, bias_shape, *args, [need_x, False, need_b and bias_shape is not None]
-            )
+        if need_x:
+            grad_x, _, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, *args, [True, False, False])
+        if need_b and bias_shape is not None:  # oneDNN's bias gradient splits its reduction over the threads
+            grad_b = fixed_sum(grad.transpose(0, 1).reshape(grad.shape[1], -1), dim=1)
         if need_w:
             with _one_thread():
                 _, grad_w, _ = torch.ops.aten.convolution_backward(grad, x, weight, None, *args, [False, True, False])
@@ -225,6 +235,57 @@ def linear(layer: nn.Linear, x: torch.Tensor, weight: torch.Tensor, bias: torch.
         with _one_thread():
             return F.linear(x, weight, bias)
     return _PortableLinear.apply(x, weight, bias)
+
+
+class _PortableMatmul(torch.autograd.Function):
+    """``torch.matmul`` of two activations (attention's ``Q Kᵀ`` and ``P V``) with every GEMM on one thread.
+
+    MKL's GEMM under ``MKL_CBWR=COMPATIBLE`` splits its work differently for 1, 2 and 3 threads (measured on
+    an AMD EPYC, 64x1280 by 1280x10 and 256x300 by 300x200), so portable mode keeps the thread count fixed.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(a, b)
+        with _one_thread():
+            return torch.matmul(a, b)
+
+    @staticmethod
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        a, b = ctx.saved_tensors  # type: ignore[attr-defined]
+        need_a, need_b = ctx.needs_input_grad  # type: ignore[attr-defined]
+        if a.dim() < 2 or b.dim() < 2:
+            raise NotImplementedError("portable matmul: gradients of vector products are not implemented")
+        grad_a = grad_b = None
+        with _one_thread():
+            if need_a:
+                grad_a = _unbroadcast(torch.matmul(grad, b.transpose(-2, -1)), a.shape)
+            if need_b:
+                grad_b = _unbroadcast(torch.matmul(a.transpose(-2, -1), grad), b.shape)
+        return grad_a, grad_b
+
+
+def _unbroadcast(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``grad`` summed over the leading (batch) dimensions that ``torch.matmul`` broadcast to reach it."""
+    extra = grad.dim() - len(shape)
+    if extra > 0:
+        grad = grad.sum(tuple(range(extra)))
+    dims = tuple(i for i, n in enumerate(shape[:-2]) if n == 1 and grad.shape[i] != 1)
+    return grad.sum(dims, keepdim=True) if dims else grad
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch.matmul(a, b)``; in portable mode on the CPU on one thread (:class:`_PortableMatmul` when a
+    gradient is needed), so the bytes do not depend on the thread count. Unit bodies call it for every
+    activation matmul of a traced model (:mod:`ptqflow.units`)."""
+    if _mode != "portable" or a.device.type != "cpu":
+        return torch.matmul(a, b)
+    if not _portable_grad(a, a, b):
+        with _one_thread():
+            return torch.matmul(a, b)
+    return _PortableMatmul.apply(a, b)
 
 
 def _explicit_padding(layer: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:

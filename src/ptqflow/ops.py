@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import swin_transformer
 
-from ptqflow import attention
+from ptqflow import attention, kernels
 
 __all__ = [
     "ACTIVATION_MODULES",
@@ -81,7 +81,7 @@ PASS_MODULES: tuple[type[nn.Module], ...] = (
 #: Other parameter-free modules that compute a new value.
 _COMPUTE_MODULES: tuple[type[nn.Module], ...] = (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)
 
-_MATMUL_FUNCTIONS: set[Any] = {torch.matmul, torch.bmm, operator.matmul, torch.einsum}
+_MATMUL_FUNCTIONS: set[Any] = {torch.matmul, torch.bmm, operator.matmul, torch.einsum, kernels.matmul}
 _MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
 
 #: Functions that read a weight directly: only ``nn`` modules get their weights quantized.

@@ -39,6 +39,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from ptqflow import kernels
 from ptqflow.attention import decompose_attention
 from ptqflow.errors import ModelError
 from ptqflow.ops import WEIGHT_MODULES, OpKind, classify_node
@@ -448,6 +449,21 @@ def _relative(target: str, prefix: str) -> str:
     return target[len(prefix) + 1 :] if prefix else target
 
 
+#: Two-operand products that :func:`ptqflow.kernels.matmul` computes the same way (``bmm`` is ``matmul`` on
+#: 3-d operands); ``einsum`` keeps its own call.
+_PLAIN_MATMULS = {("call_function", torch.matmul), ("call_function", torch.bmm), ("call_function", operator.matmul)}
+_PLAIN_MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
+
+
+def _plain_matmul(node: torch.fx.Node) -> bool:
+    """Whether ``node`` is ``a @ b`` with two positional operands and nothing else."""
+    if len(node.args) != 2 or node.kwargs:
+        return False
+    if node.op == "call_method":
+        return node.target in _PLAIN_MATMUL_METHODS
+    return (node.op, node.target) in _PLAIN_MATMULS
+
+
 def _unit_module(
     gm: torch.fx.GraphModule, nodes: list[torch.fx.Node], source: torch.fx.Node, prefix: str
 ) -> tuple[torch.fx.GraphModule, dict[torch.fx.Node, torch.fx.Node], str]:
@@ -471,6 +487,8 @@ def _unit_module(
         new = graph.node_copy(node, lookup)
         if node.op == "call_module":
             new.target = _relative(str(node.target), prefix)
+        elif _plain_matmul(node):
+            new.op, new.target = "call_function", kernels.matmul  # one thread in portable mode
         env[node] = new
     graph.output(env[nodes[-1]])
     return torch.fx.GraphModule(base, graph), env, prefix

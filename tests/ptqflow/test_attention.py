@@ -10,6 +10,7 @@ from helpers import calibrate_on, feature_store
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
+from ptqflow import kernels
 from ptqflow.attention import DecomposedAttention, DecomposedWindowAttention, decompose_attention
 from ptqflow.coverage import check_model
 from ptqflow.errors import ExportError, ModelError
@@ -95,7 +96,7 @@ def test_every_matmul_input_and_the_softmax_output_is_quantized(softmax: str) ->
     for _, unit in list(model.named_units())[1:-1]:
         body = unit.body
         modules = dict(body.named_modules())
-        matmuls = [n for n in body.graph.nodes if n.op == "call_function" and n.target is torch.matmul]
+        matmuls = [n for n in body.graph.nodes if n.op == "call_function" and n.target is kernels.matmul]
         assert len(matmuls) == 2
         for node in matmuls:
             for arg in node.args:

@@ -264,3 +264,78 @@ def test_auto_leaves_a_core_that_another_process_keeps_busy() -> None:
         competitor.wait()
     assert busy <= quiet - 0.5, (quiet, busy)
     assert chosen <= usable_cores() - 1
+
+
+#: (a, b) shapes of activation products: attention's Q Kᵀ and P V (batch x heads), a broadcast batch, and
+#: plain 2-d products (a classifier-like long reduction; one measured to split over MKL threads).
+MATMUL_SHAPES = [
+    ((2, 3, 17, 8), (2, 3, 8, 17)),
+    ((2, 3, 17, 17), (1, 3, 17, 8)),
+    ((5, 6, 4), (4, 7)),
+    ((64, 1280), (1280, 10)),
+]
+
+
+@pytest.mark.parametrize(("a_shape", "b_shape"), MATMUL_SHAPES)
+def test_portable_matmul_matches_torch_matmul_with_gradients(
+    a_shape: tuple[int, ...], b_shape: tuple[int, ...], portable: None, threads: None
+) -> None:
+    """Values and gradients of torch.matmul (broadcast dimensions summed back), on one thread, threads restored."""
+    torch.manual_seed(0)
+    a = torch.randn(a_shape, requires_grad=True)
+    b = torch.randn(b_shape, requires_grad=True)
+    torch.set_num_threads(2)
+    out = kernels.matmul(a, b)
+    assert out.grad_fn is not None and "PortableMatmul" in type(out.grad_fn).__name__
+    ref = torch.matmul(a, b)
+    assert out.shape == ref.shape and torch.allclose(out, ref, rtol=1e-5, atol=1e-4)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [a, b], grad)
+    want = torch.autograd.grad(ref, [a, b], grad)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and torch.allclose(g, w, rtol=1e-5, atol=1e-4)
+    assert torch.get_num_threads() == 2
+    with torch.no_grad():
+        assert torch.equal(kernels.matmul(a, b), out)
+
+
+MATMUL_CHILD = r"""
+import hashlib, json, sys
+from ptqflow import kernels
+kernels.use_kernels("portable", strict=True)
+import torch
+h = lambda t: hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()[:12]
+found = []
+for threads in (1, 2, 3):
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    row = []
+    for a_shape, b_shape in ((64, 1280), (1280, 10)), ((256, 300), (300, 200)), ((2, 6, 50, 64), (2, 6, 64, 50)):
+        a = torch.randn(a_shape, requires_grad=True)
+        b = torch.randn(b_shape, requires_grad=True)
+        out = kernels.matmul(a, b)
+        ga, gb = torch.autograd.grad(out, [a, b], torch.ones_like(out))
+        row += [h(out), h(ga), h(gb)]
+    found.append(row)
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.skipif(usable_cores() < 2, reason="needs two usable cores to compare thread counts")
+def test_portable_matmul_does_not_depend_on_threads_under_the_mkl_pins() -> None:
+    """With MKL's cross-vendor branch (``MKL_CBWR=COMPATIBLE``, set by ``use_kernels``) in a fresh interpreter:
+    products and their gradients are the same bytes for 1, 2 and 3 threads."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("ATEN_", "DNNL_", "ONEDNN_", "MKL_"))}
+    done = subprocess.run(
+        [sys.executable, "-c", MATMUL_CHILD],
+        env={**clean, "PYTHONPATH": str(ROOT / "src")},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    one, two, three = json.loads(done.stdout)
+    assert one == two == three
+
+
+def test_portable_env_pins_mkl_to_its_cross_vendor_branch() -> None:
+    assert kernels.PORTABLE_ENV["MKL_CBWR"] == "COMPATIBLE"
