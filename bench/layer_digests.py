@@ -8,12 +8,13 @@ from the one written on an AMD EPYC, with the same pins (``ptqflow.kernels.PORTA
 thread-count independence on each. A whole-store hash cannot say which kernel parts ways; this script can.
 In a fresh interpreter with ``use_kernels("portable")`` (as every stage), for each embedded CNN on a fixed
 seeded batch it records the sha256 prefix of the input batch (ATen's generator), of every leaf module's output
-in execution order (BN folded, linear layers through ``portable_layers`` as the ``features`` stage runs them)
-then of the input gradient and every weight gradient of a cross-entropy backward (every layer through
-``portable_layers``, as reconstruct runs them), and of a float32 matmul (``ptqflow.kernels.matmul``: MKL under the pins,
-on one thread), for 1 and 2 threads (the model digests must agree). ``--compare``
-runs the same here and names, per model, the first module whose output differs from the reference file's:
-the first kernel that computes other bytes on this CPU.
+in execution order (BN folded, linear layers through ``portable_layers`` as the ``features`` stage runs them),
+then of the input gradient and every parameter gradient of a cross-entropy backward (every layer through
+``portable_layers``, as reconstruct runs them), and of a float32 matmul (``ptqflow.kernels.matmul``: MKL
+under the pins, on one thread), for 1 and 2 threads (the digests must agree). ``--compare`` runs the same here
+and names, per model, the first entry that differs from the reference file's: the first kernel that computes
+other bytes on this CPU. Found this way (AMD EPYC against the Intel Xeon's file, before the MKL pin): every
+convolution agreed, the first linear layer did not.
 """
 
 from __future__ import annotations

@@ -256,8 +256,6 @@ class _PortableMatmul(torch.autograd.Function):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         a, b = ctx.saved_tensors  # type: ignore[attr-defined]
         need_a, need_b = ctx.needs_input_grad  # type: ignore[attr-defined]
-        if a.dim() < 2 or b.dim() < 2:
-            raise NotImplementedError("portable matmul: gradients of vector products are not implemented")
         grad_a = grad_b = None
         with _one_thread():
             if need_a:
@@ -282,6 +280,10 @@ def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     activation matmul of a traced model (:mod:`ptqflow.units`)."""
     if _mode != "portable" or a.device.type != "cpu":
         return torch.matmul(a, b)
+    if b.dim() == 1:  # torch.matmul's vector rules: a vector is a one-column / one-row matrix, squeezed after
+        return matmul(a, b.unsqueeze(-1)).squeeze(-1)
+    if a.dim() == 1:
+        return matmul(a.unsqueeze(0), b).squeeze(-2)
     if not _portable_grad(a, a, b):
         with _one_thread():
             return torch.matmul(a, b)

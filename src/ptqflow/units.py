@@ -449,19 +449,12 @@ def _relative(target: str, prefix: str) -> str:
     return target[len(prefix) + 1 :] if prefix else target
 
 
-#: Two-operand products that :func:`ptqflow.kernels.matmul` computes the same way (``bmm`` is ``matmul`` on
-#: 3-d operands); ``einsum`` keeps its own call.
-_PLAIN_MATMULS = {("call_function", torch.matmul), ("call_function", torch.bmm), ("call_function", operator.matmul)}
-_PLAIN_MATMUL_METHODS = {"matmul", "bmm", "__matmul__"}
-
-
 def _plain_matmul(node: torch.fx.Node) -> bool:
-    """Whether ``node`` is ``a @ b`` with two positional operands and nothing else."""
-    if len(node.args) != 2 or node.kwargs:
+    """Whether ``node`` is an activation product ``a @ b`` (``matmul``, ``bmm``, ``@``; not ``einsum``) with two
+    positional operands and nothing else, which :func:`ptqflow.kernels.matmul` computes the same way."""
+    if node.op == "call_module" or len(node.args) != 2 or node.kwargs or node.target is torch.einsum:
         return False
-    if node.op == "call_method":
-        return node.target in _PLAIN_MATMUL_METHODS
-    return (node.op, node.target) in _PLAIN_MATMULS
+    return classify_node(node, {}) == OpKind.MATMUL
 
 
 def _unit_module(
