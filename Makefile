@@ -26,11 +26,13 @@ demo: install dataset
 	ptqflow report
 
 # The default test run (CPU, under 10 minutes); `make test-all` adds the tests marked slow.
+# -n auto: one worker per usable core (tests/conftest.py); the cold pipeline run's tests go first, together.
+XDIST := -n auto --dist loadfile --no-loadscope-reorder
 test: install
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q $(XDIST)
 
 test-all: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 check: install
 	$(BIN)/ruff check src stages tests bench

@@ -5,16 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from ptqflow.data import LabelledImages, normalize
 from ptqflow.errors import ConfigError, DataError
@@ -22,7 +19,7 @@ from ptqflow.features import FeatureStore
 from ptqflow.imagefolder import ImageFolderDataset, ImageIndex, normalize_channels
 from ptqflow.kernels import keep_freed_memory, set_threads, use_kernels
 from ptqflow.models import build_model, load_weights
-from stages.logs import configure_logging
+from stages.logs import configure_logging, progress_bar, track
 from stages.params import BaseConfig, section
 
 __all__ = [
@@ -40,8 +37,6 @@ __all__ = [
     "track",
     "unit_progress",
 ]
-
-T = TypeVar("T")
 
 log = logging.getLogger("ptqflow")
 
@@ -151,68 +146,3 @@ def resolve_device(name: str) -> torch.device:
 def seed_everything(seed: int) -> None:
     """Seed torch's global generators (stages also pass explicit generators where it matters)."""
     torch.manual_seed(seed)
-
-
-def _bar_disabled() -> bool | None:
-    """tqdm's ``disable``: None (auto: a bar only on a terminal), or True under ``--quiet``."""
-    return None if log.isEnabledFor(logging.INFO) else True
-
-
-def _pace(done: int, total: int, began: float) -> str:
-    """``12.3 it/s, ETA 4m05s`` from the items done since ``began`` (``time.perf_counter``)."""
-    elapsed = time.perf_counter() - began
-    if done <= 0 or elapsed <= 0:
-        return "starting"
-    rate = done / elapsed
-    left = round((total - done) / rate)
-    eta = f"{left // 3600}h{left % 3600 // 60:02d}m" if left >= 3600 else f"{left // 60}m{left % 60:02d}s"
-    shown = f"{rate:.3g} it/s" if rate >= 1 else f"{1 / rate:.3g} s/it"
-    return f"{shown}, ETA {eta}" if done < total else f"{shown}, {elapsed:.1f}s"
-
-
-def progress_bar(total: int, label: str) -> Callable[[int, float], None]:
-    """A tqdm bar on a terminal; plain log lines every 10 % otherwise (CI, DVC queue logs), each with the
-    rate and the time left (``label: 300/3000, loss 0.012, 9.8 it/s, ETA 4m35s``).
-
-    Returns:
-        ``update(iteration, loss)``; the bar closes at ``iteration == total``.
-    """
-    bar = tqdm(total=total, desc=label, disable=_bar_disabled(), leave=False, file=sys.stderr, dynamic_ncols=True)
-    every = max(1, total // 10)
-    began = time.perf_counter()
-
-    def update(iteration: int, loss: float) -> None:
-        if bar.disable:
-            if iteration % every == 0 or iteration == total:
-                log.info("%s: %d/%d, loss %.4g, %s", label, iteration, total, loss, _pace(iteration, total, began))
-        else:
-            bar.update(1)
-            if iteration % 10 == 0:
-                bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
-        if iteration == total:
-            bar.close()
-
-    return update
-
-
-def track(items: Iterable[T], total: int, label: str) -> Iterator[T]:
-    """Yield ``items``, showing progress: a tqdm bar on a terminal, plain log lines otherwise.
-
-    Off a terminal (CI, ``dvc queue logs``, a pipe) it logs ``label: i/total, rate, ETA`` at INFO about
-    every 10 % and at the end, so long stages show they are alive; ``--quiet`` silences those lines.
-    """
-    bar = tqdm(total=total, desc=label, disable=_bar_disabled(), leave=False, file=sys.stderr, dynamic_ncols=True)
-    every = max(1, total // 10)
-    done = 0
-    began = time.perf_counter()
-    try:
-        for item in items:
-            yield item
-            done += 1
-            if bar.disable:
-                if done % every == 0 or done == total:
-                    log.info("%s: %d/%d, %s", label, done, total, _pace(done, total, began))
-            else:
-                bar.update(1)
-    finally:
-        bar.close()

@@ -21,11 +21,11 @@ from helpers import write_fake_fashion_mnist
 from tiny_repo import ROOT, tiny_params
 
 from ptqflow.models import build_model
-from stages.common import track
+from stages.logs import track
 
 SNIPPET = (
     "import logging, time\n"
-    "from stages.common import configure_logging, track\n"
+    "from stages.logs import configure_logging, track\n"
     "configure_logging({verbosity})\n"
     "for _ in track(range(40), 40, 'work'):\n"
     "    time.sleep(0.01)\n"
@@ -44,7 +44,7 @@ def test_track_logs_about_every_tenth_off_a_terminal(caplog: pytest.LogCaptureFi
 
 
 def test_pace_reads_like_a_clock() -> None:
-    from stages.common import _pace
+    from stages.logs import _pace
 
     began = time.perf_counter() - 10.0  # 10 s for 5 of 30 items: 2 s each, 50 s left
     assert _pace(5, 30, began).startswith("2 s/it, ETA 0m5") and _pace(0, 30, began) == "starting"
@@ -94,7 +94,8 @@ def test_terminal_gets_a_bar_pipe_gets_lines() -> None:
 
 
 def test_stage_cli_progress_and_quiet(tmp_path: Path) -> None:
-    """`ptqflow features` off a terminal logs batch progress; `ptqflow -q` prints nothing on success."""
+    """`ptqflow features` off a terminal logs batch progress; `ptqflow -q` prints nothing on success, `-v`
+    adds debug lines."""
     data_root = write_fake_fashion_mnist(tmp_path / "fm", train=64, test=10)
     params = tiny_params(data_root)
     params["base"]["weights"] = str(tmp_path / "r20.pt")
@@ -107,12 +108,11 @@ def test_stage_cli_progress_and_quiet(tmp_path: Path) -> None:
         cmd = ["ptqflow", "--params", str(tmp_path / "params.yaml"), *args]
         return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
 
-    ptqflow("prepare", "--out", "prep")
+    verbose = ptqflow("-v", "prepare", "--out", "prep").stderr
+    assert "DEBUG ptqflow: kernels " in verbose and "INFO ptqflow: " in verbose  # -v: debug lines too
     loud = ptqflow("features", "--calibration", "prep/calibration.pt", "--out", "store.zarr").stderr
     lines = [line for line in loud.splitlines() if "features: " in line and "/8" in line]
     assert [line.split(",")[0] for line in lines] == [f"INFO ptqflow: features: {i}/8" for i in range(1, 9)]
     assert all((" ETA " in line) == (i < 7) for i, line in enumerate(lines)), lines  # the last: elapsed
     quiet = ptqflow("-q", "features", "--calibration", "prep/calibration.pt", "--out", "store2.zarr")
     assert quiet.stderr == "" and quiet.stdout == ""
-    verbose = ptqflow("-v", "features", "--calibration", "prep/calibration.pt", "--out", "store3.zarr").stderr
-    assert "INFO ptqflow: features: 8/8, " in verbose
