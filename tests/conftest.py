@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from ptqflow.kernels import PORTABLE_ENV
+from ptqflow.kernels import PORTABLE_ENV, usable_cores
 
 # Set before this process's first CPU op (importing torch computes nothing), as every ``ptqflow`` stage
 # process does: stages the tests call in-process through click then write the bytes a stage subprocess
@@ -26,21 +26,18 @@ COLD_RUN_FILES = ("tests/stages/test_pipeline.py", "tests/stages/test_sharing.py
 COLD_RUN = "cold_run"
 
 
-def _usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 @pytest.hookimpl(optionalhook=True)  # xdist's hooks: pytest without xdist (or -p no:xdist) runs too
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """``-n auto``: one worker per core this process may use (its CPU affinity, not the machine's count)."""
-    return max(1, min(_usable_cores(), MAX_WORKERS))
+    """``-n auto``: one worker per core this process may use (its CPU affinity and cgroup quota, not the
+    machine's count: :func:`ptqflow.kernels.usable_cores`)."""
+    return max(1, min(usable_cores(), MAX_WORKERS))
 
 
 # Under -n N each worker's own ops get its share of the cores, not all of them: N workers with all the
 # cores' threads each would wait at every small op's barrier (the contention collapse of issue 17).
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _workers > 1:
-    torch.set_num_threads(max(1, _usable_cores() // _workers))
+    torch.set_num_threads(max(1, usable_cores() // _workers))
 
 
 def _unit(nodeid: str) -> str:

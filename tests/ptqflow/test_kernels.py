@@ -254,6 +254,8 @@ def test_set_threads_takes_a_number_or_auto(threads: None) -> None:
 @pytest.mark.skipif(not Path("/proc/stat").exists() or usable_cores() < 2, reason="needs /proc/stat, 2 cores")
 def test_auto_leaves_a_core_that_another_process_keeps_busy() -> None:
     quiet = free_cores(0.2)
+    if quiet < 0.75:  # the machine is busy already (another xdist worker, a CI neighbour): nothing to take away
+        pytest.skip(f"no idle core to measure against ({quiet:.2f} free)")
     competitor = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.3)
