@@ -9,12 +9,21 @@ sweep can be split across runs), which ``bench/dvc.yaml`` plots (``dvc plots sho
 
     python bench/iterations_curve.py [--models resnet20 mobilenetv2_s] [--bits 2/2]
         [--iters 100 300 1000 2000 5000] [--methods qdrop genie] [--seed 0]
+        [--stop-patience 3 --holdout 128 --stop-every 100 --stop-tol 0.01 --stop-finish 0.1]
+
+With ``--stop-patience`` > 0 every reconstruction uses the held-out stopping rule
+(:class:`ptqflow.recon.reconstruct.ReconConfig`'s ``stop_*`` and ``holdout`` keys) and its series is
+``<model>-<wXaY>-<method>-stop.tsv`` (``-stop-finish.tsv`` with ``--stop-finish`` > 0), with a fourth
+column ``run``: the mean iterations per unit actually run (``iters`` stays the schedule's length, which
+sets the annealing).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -32,15 +41,16 @@ from stages.common import load_split
 OUT = ROOT / "bench" / "results" / "iterations"
 
 
-def _read(path: Path) -> dict[int, tuple[str, str]]:
+def _read(path: Path) -> tuple[str, dict[int, list[str]]]:
     if not path.is_file():
-        return {}
-    rows = [line.split("\t") for line in path.read_text().splitlines()[1:] if line]
-    return {int(r[0]): (r[1], r[2]) for r in rows}
+        return "", {}
+    lines = path.read_text().splitlines()
+    rows = [line.split("\t") for line in lines[1:] if line]
+    return lines[0], {int(r[0]): r[1:] for r in rows}
 
 
-def _write(path: Path, rows: dict[int, tuple[str, str]]) -> None:
-    lines = ["iters\ttop1\tseconds"] + [f"{k}\t{v[0]}\t{v[1]}" for k, v in sorted(rows.items())]
+def _write(path: Path, header: str, rows: dict[int, list[str]]) -> None:
+    lines = [header] + ["\t".join([str(k), *v]) for k, v in sorted(rows.items())]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
@@ -51,9 +61,22 @@ def main() -> None:
     parser.add_argument("--iters", nargs="+", type=int, default=[100, 300, 1000, 2000, 5000])
     parser.add_argument("--methods", nargs="+", default=["qdrop", "genie"], choices=sorted(NAMES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=OUT, help="where the series go")
+    parser.add_argument("--stop-patience", type=int, default=0, help="the held-out stopping rule; 0: off")
+    parser.add_argument("--holdout", type=int, default=128, help="calibration samples held out for the rule")
+    parser.add_argument("--stop-every", type=int, default=100)
+    parser.add_argument("--stop-tol", type=float, default=0.01)
+    parser.add_argument("--stop-finish", type=float, default=0.0, help="the rule's finishing anneal (fraction)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every unit (and held-out check)")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("ptqflow").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    stop = args.stop_patience > 0
+    rule = {"stop_patience": args.stop_patience, "holdout": args.holdout, "stop_every": args.stop_every}
+    rule.update(stop_tol=args.stop_tol, stop_finish=args.stop_finish)
+    suffix = ("-stop-finish" if args.stop_finish > 0 else "-stop") if stop else ""
     test = load_split(ROOT / "data" / "prepare" / "test.pt")
-    OUT.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
 
     def top1(model: torch.nn.Module) -> float:
         return test_top1(model, test)
@@ -67,21 +90,26 @@ def main() -> None:
                 w, a = (int(b) for b in bits.split("/"))
                 rtn = rtn_model(fp, store, QuantConfig(weight_bits=w, act_bits=a))
                 for method in args.methods:
-                    path = OUT / f"{name}-w{w}a{a}-{method}.tsv"
+                    path = args.out / f"{name}-w{w}a{a}-{method}{suffix}.tsv"
                     for iters in args.iters:
                         model = copy.deepcopy(rtn)
                         config = method_config(name, method, iters, args.seed)
+                        if stop:
+                            config = dataclasses.replace(config, **rule)
                         start = time.perf_counter()
                         torch.manual_seed(args.seed)
                         groups = [[i] for i in range(len(store.units))]
-                        reconstruct(model, store, groups, config, DEVICE, skip=frozenset({0}), bn_stats=stats)
+                        steps = reconstruct(model, store, groups, config, DEVICE, skip=frozenset({0}), bn_stats=stats)
                         seconds = time.perf_counter() - start
+                        run = sum(s["iters"] for s in steps) / len(steps)
                         result = top1(model)
-                        rows = _read(path)
-                        rows[iters] = (f"{result:.2f}", f"{seconds:.0f}")
-                        _write(path, rows)
+                        header, rows = _read(path)
+                        rows[iters] = [f"{result:.2f}", f"{seconds:.0f}"] + ([f"{run:.0f}"] if stop else [])
+                        _write(path, "iters\ttop1\tseconds" + ("\trun" if stop else ""), rows)
+                        ran = f", {run:.0f} it/unit run" if stop else ""
                         print(
-                            f"{name} W{w}A{a} {NAMES[method]} {iters} it/unit: {result:.2f} ({seconds:.0f}s)",
+                            f"{name} W{w}A{a} {NAMES[method]}{suffix} {iters} it/unit: "
+                            f"{result:.2f} ({seconds:.0f}s{ran})",
                             flush=True,
                         )
 

@@ -149,6 +149,11 @@ def _cross_check(configs: dict[str, Any], warnings: list[str]) -> None:
         ("sensitivity.samples", configs["sensitivity"].samples if "sensitivity" in configs else None),
         ("reconstruct.batch_size", recon.batch_size if recon is not None else None),
     ]
+    if recon is not None and calib is not None and recon.holdout and calib - recon.holdout < recon.batch_size:
+        raise ConfigError(
+            f"reconstruct.holdout: {recon.holdout} of prepare.calib_size {calib} images held out leaves "
+            f"{calib - recon.holdout} to train on, fewer than reconstruct.batch_size {recon.batch_size}"
+        )
     for key, wanted in asks:
         if calib is not None and wanted is not None and wanted > calib:
             warnings.append(f"{key} is {wanted} but prepare.calib_size is {calib}: all {calib} images are used")

@@ -161,6 +161,7 @@ def _reconstruct_one(
                 "loss_after": round(row["loss_after"], 8),
                 "seconds": round(row["seconds"], 3),
                 "iter_ms": round(row["iter_ms"], 2),
+                "iters": int(row["iters"]),
                 **{k: row[k] for k in ("peak_rss_mb", "peak_device_mb") if k in row},
             }
         )
@@ -280,7 +281,7 @@ def run(
             )
             atomic_write_text(tmp_plots / f"{target}.tsv", header + lines)
             if tmp_timing is not None:  # a resumed run keeps the seconds of the steps it did not redo
-                keys = ("step", "phase", "unit", "seconds", "iter_ms", "peak_rss_mb")
+                keys = ("step", "phase", "unit", "seconds", "iter_ms", "iters", "peak_rss_mb")
                 seconds = "".join("\t".join(str(r.get(k, "")) for k in keys) + "\n" for r in rows)
                 atomic_write_text(tmp_timing / f"{target}.tsv", "\t".join(keys) + "\n" + seconds)
     shutil.rmtree(resume_root, ignore_errors=True)

@@ -41,7 +41,7 @@ def test_every_memory_mode_reconstructs_the_same_bytes(repo: Path, tmp_path: Pat
         timing = json.loads((out / "timing.json").read_text())["reconstruct"]
         assert timing["memory"] == mode and timing["peak_rss_mb"] > 0
         header = (out / "units" / "w2a4.tsv").read_text().splitlines()[0]
-        assert header == "step\tphase\tunit\tseconds\titer_ms\tpeak_rss_mb"
+        assert header == "step\tphase\tunit\tseconds\titer_ms\titers\tpeak_rss_mb"
         assert not list(out.glob("*.scratch")) and not list(out.rglob(".ptqflow-*"))
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -259,7 +259,7 @@ class Memory:
 
 def prefetch(
     caches: Sequence[Cached | None], indices: Sequence[torch.Tensor], depth: int = 2
-) -> Iterator[list[torch.Tensor | None]]:
+) -> Generator[list[torch.Tensor | None], None, None]:
     """For every index tensor in order, the rows of every cache (``None`` stays ``None``).
 
     Disk reads run on one background thread at most ``depth`` mini-batches ahead (bounded memory); the

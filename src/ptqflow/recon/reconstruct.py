@@ -36,11 +36,21 @@ through the unit's already reconstructed layers (QDrop mixes it with the FP inpu
 loss is always ``mse`` there: the cached Fisher weights belong to unit outputs, not layer outputs.
 Activation step sizes are learned per unit by BRECQ's activation phase; with ``qdrop`` they keep their
 initial (RTN) values, since no activation quantizer lies inside a single layer.
+
+An optional *stopping rule* (``stop_patience > 0``, off by default; :class:`_Stopper`) ends a weight or
+joint phase early once the loss of the *hard-rounded* group on ``holdout`` calibration samples kept out of
+the mini-batches stops improving (optionally after a short finishing anneal), and keeps the best state it
+saw. The papers run a fixed schedule (AdaRound's beta annealing and the activation steps' cosine decay span
+it), so an early stop ends with soft variables still far from 0/1; the rule therefore judges the
+hard-rounded state, the one that is deployed, and ``stop_finish`` > 0 completes the annealing in a short
+tail before the last judgement (the hard-rounded loss rises and falls while beta is still high). What it
+saves and costs is measured in the README ("How many iterations a user needs").
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -55,7 +65,7 @@ from ptqflow.errors import ConfigError
 from ptqflow.features import FeatureStore
 from ptqflow.fold import BNStatistics
 from ptqflow.kernels import fixed_sum
-from ptqflow.quant.adaround import beta_schedule
+from ptqflow.quant.adaround import AdaRound, beta_schedule
 from ptqflow.quant.model import QuantModel
 from ptqflow.quant.quantizer import ActQuantizer
 from ptqflow.quant.units import QuantLayer, QuantUnit
@@ -108,6 +118,18 @@ class ReconConfig:
         dc_lr: its Adam learning rate (1e-3, reduced tenfold on a 100-iteration plateau, down to 1e-5).
         dc_anchor: weight of ``||x~ - x||^2`` that keeps the corrected input near the cached one (the
             released code's ``1 / lambda_c``: 50 for ResNets, 200 for MobileNetV2).
+        holdout: calibration samples (the last ones of the store) kept out of the mini-batches for the
+            stopping rule; 0 with the rule off.
+        stop_every: iterations between two held-out evaluations of the stopping rule.
+        stop_patience: the stopping rule: a weight or joint phase ends once this many held-out evaluations
+            in a row improve the best held-out loss by less than ``stop_tol`` (relative), and the group
+            keeps its best evaluated state; evaluations start when the rounding regulariser does (after
+            ``warmup``). 0: off, the fixed schedule of the papers.
+        stop_tol: the relative improvement of the held-out loss that counts as progress.
+        stop_finish: what the rule does at the plateau, as a fraction of ``iters``: 0 ends the phase there;
+            > 0 first finishes the rounding's annealing in that many iterations (beta falls in a straight
+            line from its value at the plateau to ``beta_end``), so that the soft variables settle before
+            the hard rounding.
         seed: seeds sampling and drop masks (each group reseeds, so a resumed run matches a full one);
             the mini-batch indices come from a generator of their own, drawn before the loop, so that
             ``memory="stream"`` can read ahead (:mod:`ptqflow.recon.cache`).
@@ -134,6 +156,11 @@ class ReconConfig:
     dc_iters: int = 0
     dc_lr: float = 1e-3
     dc_anchor: float = 50.0
+    holdout: int = 0
+    stop_every: int = 100
+    stop_patience: int = 0
+    stop_tol: float = 0.01
+    stop_finish: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -165,6 +192,21 @@ class ReconConfig:
             raise ConfigError(f"dc_lr must be > 0, got {self.dc_lr}")
         if self.dc_anchor < 0:
             raise ConfigError(f"dc_anchor must be >= 0, got {self.dc_anchor}")
+        if self.stop_every < 1:
+            raise ConfigError(f"stop_every must be >= 1, got {self.stop_every}")
+        if self.stop_patience < 0:
+            raise ConfigError(f"stop_patience must be >= 0 (0: no stopping rule), got {self.stop_patience}")
+        if not 0 <= self.stop_tol < 1:
+            raise ConfigError(f"stop_tol must be in [0, 1), got {self.stop_tol}")
+        if not 0 <= self.stop_finish <= 1:
+            raise ConfigError(f"stop_finish must be in [0, 1], got {self.stop_finish}")
+        if self.holdout < 0:
+            raise ConfigError(f"holdout must be >= 0, got {self.holdout}")
+        if (self.stop_patience > 0) != (self.holdout > 0):
+            raise ConfigError(
+                "the stopping rule needs both stop_patience > 0 and holdout > 0 (held-out calibration "
+                f"samples), or neither; got stop_patience {self.stop_patience}, holdout {self.holdout}"
+            )
         if (self.pd_weight > 0 or self.dc_iters > 0) and self.method != "qdrop":
             raise ConfigError(
                 "pd_weight and dc_iters change QDrop's joint phase (PD-Quant): they need method qdrop, "
@@ -370,9 +412,10 @@ def reconstruct(
             those can share the memo and correct once (``bench/method_table.py`` does).
 
     Returns:
-        One stats dict per step run: ``{"loss_before", "loss_after", "seconds", "iter_ms",
+        One stats dict per step run: ``{"loss_before", "loss_after", "seconds", "iter_ms", "iters",
         "peak_rss_mb"}`` (losses: full-set MSE of the group output against the FP target, all quantizers
-        on; ``iter_ms``: wall milliseconds per optimisation iteration; ``peak_rss_mb``: the process's peak
+        on; ``iter_ms``: wall milliseconds per optimisation iteration; ``iters``: the iterations run, fewer
+        than the schedule's when the stopping rule ended the step; ``peak_rss_mb``: the process's peak
         resident memory so far, and ``peak_device_mb`` on CUDA).
     """
     flat = [i for g in groups for i in g]
@@ -385,6 +428,11 @@ def reconstruct(
         raise ConfigError("dc_iters > 0 (distribution correction) needs the FP model's BatchNorm statistics")
     space = Memory(memory, device, scratch)
     n = store.num_samples
+    if config.holdout and n - config.holdout < config.batch_size:
+        raise ConfigError(
+            f"holdout {config.holdout} leaves {n - config.holdout} of the store's {n} calibration samples to "
+            f"train on, fewer than batch_size {config.batch_size}"
+        )
     eval_batch = max(config.batch_size, 64)
     # channels_last: about 2x faster convolutions on the CPU for these nets (measured in training).
     model.to(device).to(memory_format=torch.channels_last)
@@ -437,18 +485,19 @@ def reconstruct(
                 update = progress(total, label) if progress else None
                 model.set_quant_state(weight=True, act=acts_during)
                 looped = time.perf_counter()
+                run = total
                 if step.phase == "acts":
                     _optimise_acts(group, x_fp, y_fp, grad, config, update, sampler)
                 elif step.phase == "layers":
-                    _optimise_layers(group, x_q, x_fp, config, acts_during, update, sampler, space)
+                    run = _optimise_layers(group, x_q, x_fp, config, acts_during, update, sampler, space)
                 else:
                     joint = step.phase == "joint"
                     x_mix, target = (x_dc, y_dc) if x_dc is not None and y_dc is not None else (x_fp, y_fp)
                     if logits is not None:
                         _set_group_state(rest, weight=False, act=False)  # the rest of the network in FP
                     pd = (rest, logits) if logits is not None else None
-                    _optimise_weights(group, x_q, x_mix, target, grad, config, joint, update, sampler, pd)
-                loop_ms = (time.perf_counter() - looped) * 1000 / total
+                    run = _optimise_weights(group, x_q, x_mix, target, grad, config, joint, update, sampler, pd)
+                loop_ms = (time.perf_counter() - looped) * 1000 / max(1, run)
                 model.set_quant_state(weight=True, act=True)
                 after = _eval_loss(group, x_in, y_fp, eval_batch)
                 if step.phase != "acts":
@@ -462,9 +511,11 @@ def reconstruct(
                 "loss_after": after,
                 "seconds": time.perf_counter() - began,
                 "iter_ms": loop_ms,
+                "iters": float(run),
                 **peak_memory_mb(device),
             }
-            log.info("%s: loss %.5g -> %.5g (%.1fs)", label, before, after, row["seconds"])
+            stopped = f", stopped at {run} of {total} iterations (held-out plateau)" if run < total else ""
+            log.info("%s: loss %.5g -> %.5g (%.1fs%s)", label, before, after, row["seconds"], stopped)
             stats.append(row)
             if on_step_done is not None:
                 on_step_done(index, step, row)
@@ -482,6 +533,118 @@ def _sample(n: int, batch: int, method: str, generator: torch.Generator) -> torc
     return torch.randint(0, n, (batch,), generator=generator)
 
 
+class _Stopper:
+    """The held-out stopping rule of one weight or joint phase (``ReconConfig.stop_patience`` > 0).
+
+    From the end of warm-up (when the rounding regulariser starts) every ``stop_every`` iterations, and at
+    the last one, the group's loss on the held-out samples (the last ``holdout`` rows, never in a
+    mini-batch) is measured in the state that is deployed: AdaRound's hard rounding ``1[V >= 0]`` (Nagel
+    et al. 2020, applied before the annealing ends) and no drop, with the phase's reconstruction loss (its
+    ``p``, and BRECQ's Fisher weights, eq. 10, when cached). The lowest loss's state (rounding variables,
+    learned weight and activation steps) is copied; a loss below ``(1 - stop_tol)`` times the loss at the
+    last progress is progress, and ``stop_patience`` evaluations in a row without it mark the plateau. With
+    ``stop_finish`` = 0 the phase ends there; with ``stop_finish`` > 0 it first finishes the annealing in
+    ``stop_finish * iters`` iterations (beta from its value at the plateau to ``beta_end``) and evaluates
+    once more. Either way the phase ends in its best evaluated state (:meth:`restore`), the usual
+    early-stopping checkpoint.
+    """
+
+    def __init__(
+        self,
+        group: nn.Module,
+        rounding: Sequence[AdaRound],
+        quantizers: Sequence[ActQuantizer],
+        learned: Sequence[torch.Tensor],
+        held: tuple[Cached, Cached, Cached | None],
+        config: ReconConfig,
+    ) -> None:
+        self.group, self.rounding, self.quantizers, self.learned = group, rounding, quantizers, learned
+        self.x, self.y, self.grad = held
+        self.config = config
+        self.begin = math.ceil(config.warmup * config.iters)
+        self.best = self.mark = math.inf  # the lowest loss seen; the loss at the last progress
+        self.state: list[torch.Tensor] | None = None
+        self.stale = 0
+        self.finish: tuple[int, float, int] | None = None  # (from iteration, beta there, end iteration)
+
+    def beta(self, t: int) -> float | None:
+        """Beta of 0-based iteration ``t``: the schedule's, or, while finishing, a straight line from the
+        beta at the plateau to ``beta_end`` at the finish's last iteration."""
+        c = self.config
+        if self.finish is None:
+            return beta_schedule(t, c.iters, c.warmup, c.beta_start, c.beta_end)
+        start, beta, end = self.finish
+        return beta + (c.beta_end - beta) * min(1.0, (t + 1 - start) / (end - start))
+
+    def after(self, run: int) -> bool:
+        """Called after every iteration (``run`` done); True when the phase ends there."""
+        c = self.config
+        if self.finish is not None:
+            if run < self.finish[2]:
+                return False
+            self.stop(run)  # the finished state joins the candidates
+            return True
+        if not (self.due(run) and self.stop(run)):
+            return False
+        length = round(c.stop_finish * c.iters)
+        if length == 0:
+            return True
+        beta = beta_schedule(run, c.iters, c.warmup, c.beta_start, c.beta_end)
+        assert beta is not None  # evaluations start after warm-up
+        self.finish = (run, beta, min(run + length, c.iters))
+        return False
+
+    def due(self, t: int) -> bool:
+        """Whether iteration ``t`` (1-based, done) is an evaluation point."""
+        every = self.config.stop_every
+        return t == self.config.iters or (t >= self.begin and (t - self.begin) % every == 0)
+
+    @torch.no_grad()
+    def held_out_loss(self) -> float:
+        """The hard-rounded, no-drop group's loss on the held-out samples."""
+        keep = [q.keep_prob for q in self.quantizers]
+        for r in self.rounding:
+            r.soft = False
+        for q in self.quantizers:
+            q.keep_prob = 1.0
+        try:
+            first, n = self.x.n - self.config.holdout, self.x.n
+            batch = max(self.config.batch_size, 64)
+            total = 0.0
+            for i in range(first, n, batch):
+                stop = min(i + batch, n)
+                g = self.grad.rows(i, stop) if self.grad is not None else None
+                loss = reconstruction_loss(self.group(self.x.rows(i, stop)), self.y.rows(i, stop), g, self.config.p)
+                total += float(loss) * (stop - i)
+            return total / (n - first)
+        finally:
+            for r in self.rounding:
+                r.soft = True
+            for q, k in zip(self.quantizers, keep, strict=True):
+                q.keep_prob = k
+
+    def stop(self, t: int) -> bool:
+        """Evaluate after iteration ``t``; True when the phase should end."""
+        loss = self.held_out_loss()
+        if self.state is None or loss < self.best:  # the state restored at the end is the lowest seen
+            self.best = loss
+            self.state = [p.detach().clone() for p in self.learned]
+        if loss < self.mark * (1 - self.config.stop_tol):
+            self.mark = loss
+            self.stale = 0
+        else:
+            self.stale += 1
+        log.debug("iteration %d: held-out loss %.5g (best %.5g, %d checks stale)", t, loss, self.best, self.stale)
+        return self.stale >= self.config.stop_patience
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put the best evaluated state back."""
+        if self.state is not None:
+            for p, saved in zip(self.learned, self.state, strict=True):
+                p.copy_(saved)
+
+
 def _optimise_weights(
     group: _Group,
     x_q: Cached,
@@ -493,9 +656,11 @@ def _optimise_weights(
     update: Callable[[int, float], None] | None,
     sampler: torch.Generator,
     pd: tuple[nn.Module, Cached] | None = None,
-) -> None:
+) -> int:
     """AdaRound (and, ``joint``, the activation steps with QDrop's mixing) of ``group``; with ``pd`` =
-    ``(rest of the network in FP, cached FP logits)``, PD-Quant's prediction difference joins the loss."""
+    ``(rest of the network in FP, cached FP logits)``, PD-Quant's prediction difference joins the loss.
+
+    Returns the iterations run (fewer than ``config.iters`` when the stopping rule ended the phase)."""
     layers = [m for m in group.modules() if isinstance(m, QuantLayer)]
     learn_scale = config.weight_scale_lr > 0
     rounding = [layer.start_adaround(learn_scale) for layer in layers]
@@ -518,11 +683,15 @@ def _optimise_weights(
         if layer.layer.bias is not None:
             layer.layer.bias.requires_grad_(False)
     mix = joint and config.keep_prob < 1.0
-    indices = [_sample(x_q.n, config.batch_size, config.method, sampler) for _ in range(config.iters)]
+    indices = [_sample(x_q.n - config.holdout, config.batch_size, config.method, sampler) for _ in range(config.iters)]
     rest, logits = pd if pd is not None else (None, None)
     params = [p for opt in optimizers for g in opt.param_groups for p in g["params"]]
+    stopper = None
+    if config.stop_patience > 0:
+        stopper = _Stopper(group, rounding, quantizers if joint else [], params, (x_q, y_fp, grad), config)
+    run = 0
+    batches = prefetch([x_q, x_fp if mix else None, y_fp, grad, logits], indices)
     try:
-        batches = prefetch([x_q, x_fp if mix else None, y_fp, grad, logits], indices)
         for t, (x, x_fp_batch, y, g, z_fp) in enumerate(batches):
             assert x is not None and y is not None
             x_plain = x
@@ -540,7 +709,10 @@ def _optimise_weights(
             else:
                 rec = reconstruction_loss(group(x), y, g, config.p)
                 loss = rec
-            beta = beta_schedule(t, config.iters, config.warmup, config.beta_start, config.beta_end)
+            if stopper is None:
+                beta = beta_schedule(t, config.iters, config.warmup, config.beta_start, config.beta_end)
+            else:
+                beta = stopper.beta(t)
             if beta is not None and config.reg_weight > 0:
                 loss = loss + config.reg_weight * sum(r.regularizer(beta) for r in rounding)
             for opt in optimizers:
@@ -555,7 +727,13 @@ def _optimise_weights(
                 scheduler.step()
             if update is not None:
                 update(t + 1, rec.item())
+            run = t + 1
+            if stopper is not None and stopper.after(run):
+                break
+        if stopper is not None:
+            stopper.restore()
     finally:
+        batches.close()
         for layer in layers:
             layer.finish_adaround()
         for q in quantizers:
@@ -563,6 +741,7 @@ def _optimise_weights(
             q.lsq_grad_scale = False
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
+    return run
 
 
 @torch.no_grad()
@@ -598,9 +777,11 @@ def _optimise_layers(
     update: Callable[[int, float], None] | None,
     sampler: torch.Generator,
     memory: Memory,
-) -> None:
-    """AdaRound every layer of ``group`` on its own, in order (BRECQ's layer granularity)."""
+) -> int:
+    """AdaRound every layer of ``group`` on its own, in order (BRECQ's layer granularity); returns the
+    iterations run over all of them."""
     layers = [m for m in group.modules() if isinstance(m, QuantLayer)]
+    run = 0
     batch = max(config.batch_size, 64)
     for index, layer in enumerate(layers):
         _set_group_state(group, weight=False, act=False)
@@ -616,9 +797,10 @@ def _optimise_layers(
 
         single = _Group([layer])
         try:
-            _optimise_weights(single, x_q_layer, x_fp_layer, y_fp_layer, None, config, acts, shifted, sampler)
+            run += _optimise_weights(single, x_q_layer, x_fp_layer, y_fp_layer, None, config, acts, shifted, sampler)
         finally:
             _close(x_fp_layer, y_fp_layer, x_q_layer)
+    return run
 
 
 def _optimise_acts(
@@ -641,7 +823,7 @@ def _optimise_acts(
     params = [p for p in group.parameters() if p.requires_grad and all(p is not s for s in scales)]
     for p in params:
         p.requires_grad_(False)
-    indices = [_sample(x_fp.n, config.batch_size, "brecq", sampler) for _ in range(config.act_iters)]
+    indices = [_sample(x_fp.n - config.holdout, config.batch_size, "brecq", sampler) for _ in range(config.act_iters)]
     try:
         for t, (x, y, g) in enumerate(prefetch([x_fp, y_fp, grad], indices)):
             assert x is not None and y is not None

@@ -379,3 +379,89 @@ def test_pd_quant_refuses_layer_granularity_and_missing_statistics(tmp_path: Pat
         reconstruct(model, store, [[0], [1], [2], [3]], ReconConfig(pd_weight=1.0, iters=2), CPU, layerwise=True)
     with pytest.raises(ConfigError, match="needs the FP model's BatchNorm statistics"):
         reconstruct(model, store, [[0], [1], [2], [3]], ReconConfig(dc_iters=2, iters=2), CPU)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"stop_patience": 2}, "needs both stop_patience > 0 and holdout > 0"),
+        ({"holdout": 16}, "needs both stop_patience > 0 and holdout > 0"),
+        ({"stop_patience": -1}, "stop_patience must be >= 0"),
+        ({"stop_every": 0}, "stop_every must be >= 1"),
+        ({"stop_tol": 1.0}, r"stop_tol must be in \[0, 1\)"),
+    ],
+)
+def test_stopping_rule_keys_are_checked(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ReconConfig(**kwargs)
+
+
+def test_holdout_must_leave_a_batch_to_train_on(tmp_path: Path) -> None:
+    model, store = _setup(tmp_path)  # 64 samples
+    config = ReconConfig(iters=4, batch_size=16, holdout=56, stop_patience=1)
+    with pytest.raises(ConfigError, match="holdout 56 leaves 8 of the store's 64 calibration samples"):
+        reconstruct(model, store, [[0], [1], [2], [3]], config, CPU)
+
+
+@pytest.mark.parametrize(("method", "finish"), [("qdrop", 0.0), ("brecq", 0.0), ("qdrop", 0.2)])
+def test_stopping_rule_never_trains_on_the_held_out_samples_and_keeps_the_best_state(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str, finish: float
+) -> None:
+    """Every mini-batch index lies before the held-out rows; each step stops at an evaluation point (or
+    after its finishing anneal, which ends at beta_end) and ends with the hard-rounded weights of its
+    lowest held-out loss."""
+    import ptqflow.recon.reconstruct as rec
+
+    drawn: list[torch.Tensor] = []
+    original_prefetch = rec.prefetch
+
+    def recording_prefetch(caches, indices, depth=2):  # type: ignore[no-untyped-def]
+        drawn.extend(indices)
+        return original_prefetch(caches, indices, depth)
+
+    seen: dict[int, list[tuple[float, list[torch.Tensor]]]] = {}
+    original_loss = rec._Stopper.held_out_loss
+
+    def recording_loss(self: rec._Stopper) -> float:
+        loss = original_loss(self)
+        for r in self.rounding:
+            r.soft = False
+        seen.setdefault(id(self.group), []).append((loss, [r().detach().clone() for r in self.rounding]))
+        for r in self.rounding:
+            r.soft = True
+        return loss
+
+    monkeypatch.setattr(rec, "prefetch", recording_prefetch)
+    monkeypatch.setattr(rec._Stopper, "held_out_loss", recording_loss)
+    model, store = _setup(tmp_path)
+    iters, every, holdout = 60, 8, 16
+    # a tolerance no step can meet: every step stops after 1 + patience evaluations
+    config = ReconConfig(
+        method=method, iters=iters, act_iters=5, batch_size=8, warmup=0.2, holdout=holdout, stop_every=every,
+        stop_patience=2, stop_tol=0.9, stop_finish=finish, weight_scale_lr=1e-3, seed=2,
+    )  # fmt: skip
+    betas: list[float | None] = []
+    original_beta = rec._Stopper.beta
+    monkeypatch.setattr(rec._Stopper, "beta", lambda self, t: betas.append(original_beta(self, t)) or betas[-1])
+    stats = reconstruct(model, store, [[0], [1], [2], [3]], config, CPU)
+    assert drawn and max(int(idx.max()) for idx in drawn) < store.num_samples - holdout
+    optimised = [s for s in stats if s["iters"] != config.act_iters] if method == "brecq" else stats
+    begin = 12  # ceil(0.2 * 60)
+    finishing = round(finish * iters)  # 12 iterations of annealing after the plateau, or none
+    assert [s["iters"] for s in optimised] == [begin + 2 * every + finishing] * len(optimised)
+    assert betas[-1] == pytest.approx(config.beta_end if finish else 20.0 - 18.0 * (27 - begin) / (iters - begin))
+    assert len(seen) == len(optimised)
+    layers = [layer for _, layer in model.quant_layers()]
+    finals = {id(layer): layer.layer.weight.detach() for layer in layers}
+    for evaluations in seen.values():
+        assert len(evaluations) == 3 + (finish > 0)
+        best = min(range(len(evaluations)), key=lambda i: evaluations[i][0])
+        weights = evaluations[best][1]
+        matched = [any(torch.equal(w, final) for final in finals.values()) for w in weights]
+        assert all(matched), "a step did not end in its best evaluated state"
+
+
+def test_stopping_rule_off_by_default_runs_the_whole_schedule(tmp_path: Path) -> None:
+    model, store = _setup(tmp_path)
+    stats = reconstruct(model, store, [[0], [1], [2], [3]], ReconConfig(iters=20, batch_size=8), CPU)
+    assert [s["iters"] for s in stats] == [20, 20, 20, 20]
