@@ -121,24 +121,12 @@ def test_an_export_stage_without_the_export_extra_stops_at_the_check(
 def test_a_holdout_that_leaves_no_batch_to_train_on_stops(data: dict[str, Path]) -> None:
     """The stopping rule's held-out images come out of the calibration draw: said at the check, not after
     features and quantize have run."""
-    recon = {"targets": ["w2a4"], "batch_size": 2, "holdout": 3, "stop_patience": 2}
+    quantize = {"calib_size": 4, "bits": {"w2a4": {"weight_bits": 2, "act_bits": 4}}}
+
+    def params(holdout: int) -> dict[str, Any]:
+        recon = {"targets": ["w2a4"], "batch_size": 2, "holdout": holdout, "stop_patience": 2}
+        return _params(data, "tiny_net", folder=False, quantize=quantize, reconstruct=recon)
+
     with pytest.raises(ConfigError, match="reconstruct.holdout: 3 of prepare.calib_size 4 images held out leaves 1"):
-        check.run(
-            _params(
-                data,
-                "tiny_net",
-                folder=False,
-                quantize={"calib_size": 4, "bits": {"w2a4": {"weight_bits": 2, "act_bits": 4}}},
-                reconstruct=recon,
-            )
-        )
-    recon["holdout"] = 2
-    check.run(
-        _params(
-            data,
-            "tiny_net",
-            folder=False,
-            quantize={"calib_size": 4, "bits": {"w2a4": {"weight_bits": 2, "act_bits": 4}}},
-            reconstruct=recon,
-        )
-    )
+        check.run(params(3))
+    check.run(params(2))
