@@ -41,12 +41,11 @@ from stages.common import load_split
 OUT = ROOT / "bench" / "results" / "iterations"
 
 
-def _read(path: Path) -> tuple[str, dict[int, list[str]]]:
+def _read(path: Path) -> dict[int, list[str]]:
     if not path.is_file():
-        return "", {}
-    lines = path.read_text().splitlines()
-    rows = [line.split("\t") for line in lines[1:] if line]
-    return lines[0], {int(r[0]): r[1:] for r in rows}
+        return {}
+    rows = [line.split("\t") for line in path.read_text().splitlines()[1:] if line]
+    return {int(r[0]): r[1:] for r in rows}
 
 
 def _write(path: Path, header: str, rows: dict[int, list[str]]) -> None:
@@ -72,8 +71,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("ptqflow").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     stop = args.stop_patience > 0
-    rule = {"stop_patience": args.stop_patience, "holdout": args.holdout, "stop_every": args.stop_every}
-    rule.update(stop_tol=args.stop_tol, stop_finish=args.stop_finish)
+    rule = {k: getattr(args, k) for k in ("stop_patience", "holdout", "stop_every", "stop_tol", "stop_finish")}
     suffix = ("-stop-finish" if args.stop_finish > 0 else "-stop") if stop else ""
     test = load_split(ROOT / "data" / "prepare" / "test.pt")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -103,7 +101,7 @@ def main() -> None:
                         seconds = time.perf_counter() - start
                         run = sum(s["iters"] for s in steps) / len(steps)
                         result = top1(model)
-                        header, rows = _read(path)
+                        rows = _read(path)
                         rows[iters] = [f"{result:.2f}", f"{seconds:.0f}"] + ([f"{run:.0f}"] if stop else [])
                         _write(path, "iters\ttop1\tseconds" + ("\trun" if stop else ""), rows)
                         ran = f", {run:.0f} it/unit run" if stop else ""

@@ -345,12 +345,16 @@ def _forward_all(module: nn.Module, x: Cached, batch_size: int, memory: Memory) 
 
 
 @torch.no_grad()
-def _eval_loss(group: _Group, x: Cached, y: Cached, batch_size: int) -> float:
+def _eval_loss(
+    group: nn.Module, x: Cached, y: Cached, batch_size: int, first: int = 0, grad: Cached | None = None, p: float = 2.0
+) -> float:
+    """The sample-weighted mean :func:`reconstruction_loss` of ``group`` over rows ``first:`` of ``x``."""
     total = 0.0
-    for i in range(0, x.n, batch_size):
+    for i in range(first, x.n, batch_size):
         stop = min(i + batch_size, x.n)
-        total += float(reconstruction_loss(group(x.rows(i, stop)), y.rows(i, stop), None, 2.0)) * (stop - i)
-    return total / x.n
+        g = grad.rows(i, stop) if grad is not None else None
+        total += float(reconstruction_loss(group(x.rows(i, stop)), y.rows(i, stop), g, p)) * (stop - i)
+    return total / (x.n - first)
 
 
 def _sampler_seed(seed: int, step: int) -> int:
@@ -589,7 +593,7 @@ class _Stopper:
         length = round(c.stop_finish * c.iters)
         if length == 0:
             return True
-        beta = beta_schedule(run, c.iters, c.warmup, c.beta_start, c.beta_end)
+        beta = self.beta(run)
         assert beta is not None  # evaluations start after warm-up
         self.finish = (run, beta, min(run + length, c.iters))
         return False
@@ -608,15 +612,9 @@ class _Stopper:
         for q in self.quantizers:
             q.keep_prob = 1.0
         try:
-            first, n = self.x.n - self.config.holdout, self.x.n
-            batch = max(self.config.batch_size, 64)
-            total = 0.0
-            for i in range(first, n, batch):
-                stop = min(i + batch, n)
-                g = self.grad.rows(i, stop) if self.grad is not None else None
-                loss = reconstruction_loss(self.group(self.x.rows(i, stop)), self.y.rows(i, stop), g, self.config.p)
-                total += float(loss) * (stop - i)
-            return total / (n - first)
+            c = self.config
+            first = self.x.n - c.holdout
+            return _eval_loss(self.group, self.x, self.y, max(c.batch_size, 64), first, self.grad, c.p)
         finally:
             for r in self.rounding:
                 r.soft = True
