@@ -30,9 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
 from PIL import Image
-from torchvision.transforms import InterpolationMode
 
 from ptqflow.errors import DataError
 
@@ -227,6 +225,9 @@ def calibration_crops(root: Path, files: Sequence[str], size: int, seed: int) ->
     Returns:
         uint8 ``(N, 3, size, size)``.
     """
+    import torchvision.transforms.functional as TF  # here, not at the top: ptqflow.models, module docstring
+    from torchvision.transforms import InterpolationMode
+
     generator = torch.Generator().manual_seed(seed)
     out = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
     for i, rel in enumerate(files):
@@ -241,6 +242,9 @@ def calibration_crops(root: Path, files: Sequence[str], size: int, seed: int) ->
 
 def eval_crop(image: Image.Image, resize: int, crop: int) -> torch.Tensor:
     """Validation preprocessing: shorter side to ``resize``, center ``crop`` x ``crop``; uint8 ``(3, crop, crop)``."""
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
     resized = TF.resize(image, resize, InterpolationMode.BILINEAR, antialias=True)
     return _to_uint8(TF.center_crop(resized, [crop, crop]))
 

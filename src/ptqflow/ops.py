@@ -15,6 +15,7 @@ Classes are data, not code: extend a table to teach ptqflow an op.
 from __future__ import annotations
 
 import operator
+import sys
 from enum import Enum
 from typing import Any
 
@@ -22,7 +23,6 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import swin_transformer
 
 from ptqflow import attention, kernels
 
@@ -100,8 +100,6 @@ _PASS_FUNCTIONS: set[Any] = {
     F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.pixel_shuffle, F.pixel_unshuffle,
     torch.max_pool1d, torch.max_pool2d, torch.max_pool3d, torch.avg_pool1d, torch.adaptive_avg_pool1d,
     torch.adaptive_max_pool1d, torch.dropout,
-    # zero padding + strided slices + concat (zero is on every asymmetric grid: the zero point is an integer)
-    swin_transformer._patch_merging_pad,
     # Swin's windows (ptqflow.attention): zero padding, cyclic shift, reshapes
     attention.window_partition, attention.window_merge,
 }  # fmt: skip
@@ -167,11 +165,19 @@ def classify_function(target: Any) -> OpKind:
         return OpKind.MATMUL
     if target in _WEIGHT_FUNCTIONS:
         return OpKind.UNSUPPORTED
-    if target in _PASS_FUNCTIONS:
+    if target in _PASS_FUNCTIONS or target is _torchvision_patch_merging_pad():
         return OpKind.PASS
     if target in _COMPUTE_FUNCTIONS:
         return OpKind.COMPUTE
     return OpKind.UNKNOWN
+
+
+def _torchvision_patch_merging_pad() -> Any:
+    """torchvision's Swin patch merging (zero padding + strided slices + concat: pass-through, as zero is on
+    every asymmetric grid, its zero point being an integer), when that module is imported (a graph calling
+    it was traced in a process that imported it; :data:`ptqflow.attention.TORCHVISION_SWIN`)."""
+    swin = sys.modules.get(attention.TORCHVISION_SWIN)
+    return None if swin is None else swin._patch_merging_pad
 
 
 def classify_method(name: str) -> OpKind:

@@ -125,3 +125,51 @@ def test_missing_torchvision_weights_say_where_to_get_them(tmp_path: Path) -> No
     assert f"save it as {path}" in message
     with pytest.raises(ModelError, match="convert a pycls regnet_x_600mf checkpoint"):
         load_weights(build_model("torchvision.regnet_x_600mf"), path, "torchvision.regnet_x_600mf")
+
+
+def test_resnet20_block_is_torchvisions_op_for_op() -> None:
+    """ptqflow's BasicBlock stands in for torchvision's (models.py docstring): the same parameters drawn in
+    the same order, the same traced graph node for node, the same outputs bit for bit."""
+    import torch.fx
+    from torchvision.models.resnet import BasicBlock as TorchvisionBlock
+
+    from ptqflow.models import BasicBlock
+
+    def pair(block: type[torch.nn.Module]) -> torch.nn.Module:
+        torch.manual_seed(3)
+        down = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, stride=2, bias=False), torch.nn.BatchNorm2d(16))
+        return torch.nn.Sequential(block(8, 16, 2, down), block(16, 16)).eval()
+
+    ours, theirs = pair(BasicBlock), pair(TorchvisionBlock)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    for key, value in ours.state_dict().items():
+        assert torch.equal(value, theirs.state_dict()[key]), key
+
+    def nodes(model: torch.nn.Module) -> list[tuple[str, str, str]]:
+        return [(n.op, n.name, str(n.target)) for n in torch.fx.symbolic_trace(model).graph.nodes]
+
+    assert nodes(ours) == nodes(theirs)
+    x = torch.randn(2, 8, 8, 8)
+    assert torch.equal(ours(x), theirs(x))
+
+
+def test_the_embedded_resnet20_stages_never_import_torchvision() -> None:
+    """Every stage module and the ResNet-20 build leave torchvision unimported (3.5 s of each stage process's
+    start on a 2-core AMD EPYC); torchvision's own models still build (it is imported then)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, importlib\n"
+        "for m in ('check', 'prepare', 'features', 'quantize', 'sensitivity', 'search', 'select', 'plan',\n"
+        "          'reconstruct', 'predict', 'evaluate', 'export', 'cli'):\n"
+        "    importlib.import_module('stages.' + m)\n"
+        "from ptqflow.models import build_model\n"
+        "build_model('resnet20')\n"
+        "assert 'torchvision' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torchvision'))\n"
+        "build_model('mobilenetv2_s')\n"
+        "assert 'torchvision' in sys.modules\n"
+    )
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
