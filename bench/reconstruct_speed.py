@@ -8,7 +8,12 @@ gradients, MSE to the FP target) on a batch of the same size, without quantizers
 same kernels: the cost of the convolutions themselves. ``ratio`` = ms/iteration / roofline.
 
     python bench/reconstruct_speed.py [--models resnet20 mobilenetv2_s] [--iters 30] [--samples 1024]
-        [--kernels portable|native] [--threads N] [--malloc keep|default]
+        [--kernels portable|native] [--threads N] [--malloc keep|default] [--compile]
+
+``--compile`` runs the reconstructed group's forward through ``torch.compile`` (inductor; its backward is
+compiled with it), with native kernels (the portable ones switch thread counts inside the step: a graph
+break that sends the whole frame back to eager). The first iteration of a unit pays the compilation: it is
+in the ``setup s`` column.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from common import build_store, pretrained, rtn_model
 from ptqflow.fold import fold_bn
 from ptqflow.kernels import keep_freed_memory, portable_layers, use_kernels
 from ptqflow.quant.model import QuantConfig
+from ptqflow.recon import reconstruct as recon_module
 from ptqflow.recon.reconstruct import ReconConfig, reconstruct
 from ptqflow.units import extract_units
 
@@ -82,7 +88,15 @@ def main() -> None:
     parser.add_argument(
         "--malloc", choices=["keep", "default"], default="keep", help="keep: as the stages run (keep_freed_memory)"
     )
+    parser.add_argument("--compile", action="store_true", help="torch.compile the group's forward (native kernels)")
     args = parser.parse_args()
+    if args.compile:
+        if args.kernels != "native":
+            parser.error("--compile needs --kernels native (portable kernels break the graph)")
+        import torch._dynamo as dynamo
+
+        dynamo.config.cache_size_limit = 64  # one graph per unit (and per grad mode)
+        recon_module._Group.forward = torch.compile(recon_module._Group.forward, dynamic=False)  # type: ignore[method-assign]
     use_kernels(args.kernels)
     if args.malloc == "keep":
         keep_freed_memory()
@@ -90,7 +104,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(
         f"device: {CPU}, torch threads: {torch.get_num_threads()}, kernels {args.kernels}, QDrop W2A4, batch 32, "
-        f"{args.iters} iters/unit"
+        f"{args.iters} iters/unit" + (", compiled" if args.compile else "")
     )
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models:
