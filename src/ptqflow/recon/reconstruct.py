@@ -67,7 +67,7 @@ from ptqflow.fold import BNStatistics
 from ptqflow.kernels import fixed_sum
 from ptqflow.quant.adaround import AdaRound, beta_schedule
 from ptqflow.quant.model import QuantModel
-from ptqflow.quant.quantizer import ActQuantizer
+from ptqflow.quant.quantizer import ActQuantizer, qdrop_mix
 from ptqflow.quant.units import QuantLayer, QuantUnit
 from ptqflow.recon.cache import Cached, Memory, peak_memory_mb, prefetch
 
@@ -695,7 +695,7 @@ def _optimise_weights(
             x_plain = x
             if mix:
                 assert x_fp_batch is not None
-                x = torch.where(torch.rand_like(x) < config.keep_prob, x, x_fp_batch)
+                x = qdrop_mix(x, x_fp_batch, config.keep_prob)
             if rest is not None and z_fp is not None:
                 # PD-Quant: one forward of the mixed and the plain quantized input; the latter's output goes
                 # through the FP rest of the network to the prediction.
